@@ -1,0 +1,60 @@
+"""AdamW with the official two weight-decay groups (spec §10.1)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+def is_no_decay(name: str, param: torch.Tensor, exempt_names: Iterable[str] = ()) -> bool:
+    """Official rule: exactly one dimension or a `.bias` name; plus opt-in exact last-component names."""
+    return param.ndim == 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in set(exempt_names)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, wd_exempt_extra: Iterable[str] = ()) -> list[dict]:
+    """[no-decay group, decay group] over trainable parameters, each tensor once (tied weights shared)."""
+    exempt = _check_exempt_names(wd_exempt_extra)
+    no_decay, decay, seen = [], [], set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad or id(param) in seen:
+            continue  # momentum copies never train; a tied tensor is optimised once
+        seen.add(id(param))
+        (no_decay if is_no_decay(name, param, exempt) else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _check_exempt_names(names) -> set[str]:
+    if names is None:
+        return set()
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"wd_exempt_extra must be a list of parameter names such as [pos_embed, cls_token, temp], "
+                         f"got {names!r}")
+    return set(names)
+
+
+def _resolve_fused(fused: bool | None, groups: list[dict]) -> bool:
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    if fused is None:
+        return on_cuda
+    if fused and not on_cuda:
+        raise ValueError("fused AdamW needs every parameter on CUDA; move the model to the GPU first or pass "
+                         "fused=None/False")
+    return bool(fused)
+
+
+def create_optimizer(config_optimizer: dict, model: torch.nn.Module, fused: bool | None = None,
+                     wd_exempt_extra: Iterable[str] | None = None) -> torch.optim.AdamW:
+    """torch AdamW (betas 0.9/0.999, eps 1e-8) over the official groups; fused on CUDA unless told otherwise."""
+    opt = str(config_optimizer.get("opt", "adamW"))
+    if opt.lower() != "adamw":
+        raise ValueError(f"optimizer.opt must be 'adamW' (the only optimiser ALBEF uses), got {opt!r}")
+    if "lr" not in config_optimizer:
+        raise ValueError("optimizer block needs 'lr' (the base learning rate), e.g. optimizer: {opt: adamW, lr: 1e-4}")
+    groups = param_groups(model, float(config_optimizer.get("weight_decay", 0.02)), wd_exempt_extra or ())
+    if not any(group["params"] for group in groups):
+        raise ValueError("create_optimizer: the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=float(config_optimizer["lr"]), betas=BETAS, eps=EPS,
+                             fused=_resolve_fused(fused, groups))
