@@ -1,0 +1,116 @@
+"""Reading checkpoints and every official conversion rule, one function per rule (spec sections 2.2, 3.9, 7.5, 8).
+
+Nothing here downloads: DeiT, BERT and ALBEF weights come from local paths the user gives.
+"""
+import os
+import warnings
+
+import torch
+
+from .vit import interpolate_pos_embed
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or of the wrong layout."""
+
+
+def load_checkpoint_file(path):
+    """torch.load on CPU: weights_only first; fall back to full unpickling (trusted local files only) with a warning."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} does not exist; check the --checkpoint / config path')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as first:  # old checkpoints embed the config dict and scheduler state
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
+                                  f're-download or re-create it, or resume from an earlier checkpoint') from e
+        warnings.warn(f'{path}: loaded with weights_only=False ({type(first).__name__}); only do this for '
+                      f'checkpoints you trust')
+        return obj
+
+
+def unwrap_state_dict(obj, path='<checkpoint>'):
+    """The model state dict of a `{'model': sd, ...}` training checkpoint or of a raw state dict."""
+    if isinstance(obj, dict) and 'model' in obj and isinstance(obj['model'], dict):
+        return obj['model']
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f'{path} holds neither a state dict nor a dict with a "model" state dict')
+
+
+def load_state_dict_file(path):
+    """Read `path` and return its model state dict (wrapped or raw)."""
+    return unwrap_state_dict(load_checkpoint_file(path), path)
+
+
+def resolve_pretrained_folder(name_or_path, kind='text encoder'):
+    """A local folder for a HuggingFace model: the path itself, or the snapshot already in the local HF cache."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception:
+        raise CheckpointError(f'{kind} {name_or_path!r} is neither a local folder nor in the local HuggingFace '
+                              f'cache; pass a folder holding config.json + model.safetensors (or '
+                              f'pytorch_model.bin), or "none" for random initialisation') from None
+
+
+def _read_hf_weights(folder):
+    st = os.path.join(folder, 'model.safetensors')
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    pt = os.path.join(folder, 'pytorch_model.bin')
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location='cpu', weights_only=True)
+    raise CheckpointError(f'{folder} has no model.safetensors or pytorch_model.bin')
+
+
+def bert_key_map(key):
+    """Map a HuggingFace BERT key to our names (relative to the BertModel), or None to ignore it."""
+    key = key.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta', 'LayerNorm.bias')
+    if key.startswith('bert.'):
+        key = key[len('bert.'):]
+    if key.startswith(('pooler.', 'cls.seq_relationship')):
+        return None
+    return key
+
+
+def load_bert_pretrained(module, name_or_path):
+    """Load bert-base-uncased-style weights from a local folder into a BertModel or a `bert`+`cls` wrapper."""
+    folder = resolve_pretrained_folder(name_or_path)
+    source = _read_hf_weights(folder)
+    has_head = hasattr(module, 'bert')
+    target = {}
+    for key, value in source.items():
+        new = bert_key_map(key)
+        if new is None or (new.startswith('cls.') and not has_head):
+            continue
+        if has_head and not new.startswith('cls.'):
+            new = 'bert.' + new
+        target[new] = value
+    missing, unexpected = module.load_state_dict(target, strict=False)
+    # cross-attention blocks (and any layer beyond the source depth) stay randomly initialised, as in the paper
+    really_missing = [k for k in missing if 'crossattention' not in k and not k.endswith('decoder.weight')
+                      and not k.endswith('decoder.bias')]
+    print(f'loaded text weights from {folder}: {len(target)} tensors, {len(missing)} left at random init '
+          f'(cross-attention and extra layers), {len(unexpected)} unused')
+    return really_missing, unexpected
+
+
+def load_deit(visual_encoder, path):
+    """Initialise a ViT from a local DeiT checkpoint (state dict under `model`), interpolating pos_embed."""
+    if not path or not os.path.isfile(str(path)):
+        raise CheckpointError(f'DeiT checkpoint {path!r} not found; set deit_checkpoint in the config to a local '
+                              f'deit_base_patch16_224-b5f2ef4d.pth, or pass init_deit=False to start from random')
+    sd = dict(unwrap_state_dict(load_checkpoint_file(path), path))
+    sd.pop('head.weight', None)
+    sd.pop('head.bias', None)
+    sd['pos_embed'] = interpolate_pos_embed(sd['pos_embed'], visual_encoder)
+    missing, unexpected = visual_encoder.load_state_dict(sd, strict=False)
+    if missing:
+        raise CheckpointError(f'{path} does not fit the ViT: missing {missing[:5]}')
+    return unexpected

@@ -1,0 +1,141 @@
+"""ALBEF objectives as pure functions of tensors (spec sections 3.8, 5, 6).
+
+Everything here keeps the official formulas and operation order. Similarities, softmaxes and cross-entropies
+are computed in fp32 even under bf16 autocast.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits, targets):
+    """mean_b(-sum_j log_softmax(logits)_bj * targets_bj), in fp32."""
+    return -torch.sum(F.log_softmax(logits.float(), dim=1) * targets, dim=1).mean()
+
+
+def distill_targets(sim_m, hard_targets, alpha):
+    """Momentum-distillation targets alpha * softmax(sim_m) + (1 - alpha) * hard_targets."""
+    return alpha * F.softmax(sim_m.float(), dim=1) + (1 - alpha) * hard_targets
+
+
+def identity_targets(sim):
+    """One-hot ITC targets: identity on the first B columns, zero on the queue (pretraining)."""
+    targets = torch.zeros(sim.size(), device=sim.device)
+    targets.fill_diagonal_(1)
+    return targets
+
+
+def idx_targets(idx, idx_all):
+    """Targets where every item with the same image id is a positive with an equal share (retrieval)."""
+    pos = torch.eq(idx.view(-1, 1), idx_all).float()
+    return pos / pos.sum(1, keepdim=True)
+
+
+def itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i):
+    """(loss_i2t + loss_t2i) / 2 with soft targets."""
+    return (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+
+
+def negative_weights(sim_local, idx=None, eps=0.0):
+    """Hard-negative sampling weights softmax(sim[:, :B] + eps), with the diagonal (or same-idx pairs) zeroed."""
+    weights = F.softmax(sim_local.float() + eps, dim=1)
+    if idx is None:
+        weights.fill_diagonal_(0)
+    else:
+        same = torch.eq(idx.view(-1, 1), idx.view(1, -1))
+        weights.masked_fill_(same, 0)
+    return weights
+
+
+def sanitize_negative_weights(weights, idx=None):
+    """Crash-free weights (spec 13.5): non-finite -> 0; a row summing to 0 becomes uniform over valid negatives.
+
+    Valid negatives are j != b with a different idx when such j exist, else all j != b. Returns the weights and
+    the number of rows that needed the fallback. Healthy rows are returned unchanged.
+    """
+    B = weights.shape[0]
+    if B < 2:
+        raise ValueError('ITM hard negatives need a batch of at least 2 samples per process; '
+                         'raise batch_size (and keep queue_size divisible by world_size * batch_size)')
+    w = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    bad = w.sum(1) <= 0
+    n_bad = int(bad.sum())
+    if n_bad:
+        not_self = ~torch.eye(B, dtype=torch.bool, device=w.device)
+        fallback = not_self
+        if idx is not None:
+            different = not_self & torch.ne(idx.view(-1, 1), idx.view(1, -1))
+            has_diff = different.any(1, keepdim=True)
+            fallback = torch.where(has_diff, different, not_self)
+        w = torch.where(bad.view(-1, 1), fallback.float(), w)
+    return w, n_bad
+
+
+def sample_negatives(weights, vectorized=False):
+    """One negative index per row ~ Multinomial(weights[b]); row by row as the official loop unless vectorized."""
+    if vectorized:
+        return torch.multinomial(weights, 1).squeeze(1)
+    return torch.stack([torch.multinomial(weights[b], 1).squeeze(0) for b in range(weights.shape[0])])
+
+
+def itm_loss(logits, batch_size):
+    """Cross-entropy of [positives (B); negatives (2B)] with labels [1]*B + [0]*2B."""
+    labels = torch.cat([torch.ones(batch_size, dtype=torch.long),
+                        torch.zeros(2 * batch_size, dtype=torch.long)]).to(logits.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def mask_tokens(input_ids, vocab_size, probability, pad_token_id, cls_token_id, mask_token_id, targets=None):
+    """Official MLM corruption (spec 5.4), in place on `input_ids`; returns (input_ids, targets).
+
+    Bernoulli(p) selection without [PAD]/[CLS]; 80% [MASK], then half of the rest random ids in [0, vocab).
+    """
+    device = input_ids.device
+    masked = torch.bernoulli(torch.full(input_ids.shape, probability)).bool().to(device)
+    masked[input_ids == pad_token_id] = False
+    masked[input_ids == cls_token_id] = False
+    if targets is not None:
+        targets[~masked] = -100
+    replaced = torch.bernoulli(torch.full(input_ids.shape, 0.8)).bool().to(device) & masked
+    input_ids[replaced] = mask_token_id
+    random_pos = torch.bernoulli(torch.full(input_ids.shape, 0.5)).bool().to(device) & masked & ~replaced
+    random_words = torch.randint(vocab_size, input_ids.shape, dtype=torch.long).to(device)
+    input_ids[random_pos] = random_words[random_pos]
+    return input_ids, targets
+
+
+def mlm_loss(logits, labels, soft_labels=None, alpha=0.0, softmax_dim='vocab'):
+    """(1 - alpha) * CE + alpha * soft CE over positions with labels != -100; zero (not NaN) when none."""
+    logits = logits.float()
+    selected = labels != -100
+    if not bool(selected.any()):
+        return logits.sum() * 0.0
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+    if soft_labels is not None:
+        dim = -1 if softmax_dim == 'vocab' else 1  # 'seq': the pre-2022-03 official bug (issue #58)
+        distill = -torch.sum(F.log_softmax(logits, dim=dim) * soft_labels, dim=-1)
+        loss = (1 - alpha) * loss + alpha * distill[selected].mean()
+    return loss
+
+
+def lm_loss(shifted_logits, targets, reduction='mean', soft_labels=None, alpha=0.0):
+    """Causal LM loss on shifted logits; with reduction='none' each row is the summed sequence NLL."""
+    shifted_logits = shifted_logits.float()
+    V = shifted_logits.size(-1)
+    loss = F.cross_entropy(shifted_logits.view(-1, V), targets.view(-1), reduction=reduction)
+    if reduction == 'none':
+        loss = loss.view(shifted_logits.size(0), -1).sum(1)
+    if soft_labels is not None:
+        distill = -torch.sum(F.log_softmax(shifted_logits, dim=-1) * soft_labels, dim=-1)
+        distill = (distill * (targets != -100)).sum(1)
+        loss = (1 - alpha) * loss + alpha * distill
+    return loss
+
+
+def distill_classification_loss(logits, logits_m, targets, alpha):
+    """(1 - alpha) * CE(logits, y) - alpha * mean_b sum_c log_softmax(logits) * softmax(logits_m) (NLVR2, VE)."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, targets)
+    if logits_m is None:
+        return ce
+    soft = -torch.sum(F.log_softmax(logits, dim=1) * F.softmax(logits_m.float(), dim=1), dim=1).mean()
+    return (1 - alpha) * ce + alpha * soft

@@ -1,0 +1,160 @@
+"""ALBEF pretraining model: ITC with momentum distillation and queues, ITM with hard negatives, MLM (spec 5)."""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import losses
+from .checkpoint import load_bert_pretrained, load_deit
+from .momentum import MomentumMixin
+from .vit import build_vit
+from .xbert import BertForMaskedLM, make_bert_config
+
+
+def build_text_config(config):
+    """The BertConfig named by `bert_config` (JSON path or inline mapping)."""
+    return make_bert_config(config['bert_config'])
+
+
+def load_text_weights(module, text_encoder):
+    """Load local BERT weights into `module` unless `text_encoder` is None/'none' (random init)."""
+    if text_encoder and str(text_encoder).lower() != 'none':
+        load_bert_pretrained(module, text_encoder)
+
+
+def apply_speed_options(model, config):
+    """Attention implementation, EMA implementation and activation checkpointing from the config."""
+    from .xbert import set_attention_impl, set_grad_checkpointing
+    set_attention_impl(model, config.get('attention', 'sdpa'))
+    model.ema_impl = config.get('ema', 'reference')
+    model.queue_wraparound = bool(config.get('queue_wraparound', False))
+    if config.get('grad_checkpointing', False):
+        set_grad_checkpointing(model, True)
+
+
+class ALBEF(MomentumMixin, nn.Module):
+    """The official pretraining model; `forward(image, text, alpha)` -> (loss_mlm, loss_ita, loss_itm)."""
+
+    model_pairs = (('visual_encoder', 'visual_encoder_m'), ('vision_proj', 'vision_proj_m'),
+                   ('text_encoder', 'text_encoder_m'), ('text_proj', 'text_proj_m'))
+
+    def __init__(self, text_encoder=None, tokenizer=None, config=None, init_deit=True):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.mlm_probability = config['mlm_probability']
+        embed_dim, vision_width = config['embed_dim'], config['vision_width']
+        self.mlm_softmax_dim = config.get('mlm_distill_softmax_dim', 'vocab')
+        self.vectorized_negatives = bool(config.get('vectorized_negatives', False))
+
+        self.visual_encoder = build_vit(config)
+        if init_deit:
+            load_deit(self.visual_encoder, init_deit if isinstance(init_deit, str) else config.get('deit_checkpoint'))
+        bert_config = build_text_config(config)
+        self.text_encoder = BertForMaskedLM(bert_config)
+        load_text_weights(self.text_encoder, text_encoder)
+        text_width = bert_config.hidden_size
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * config['temp'])
+        self.itm_head = nn.Linear(text_width, 2)
+
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BertForMaskedLM(bert_config)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self.momentum = config['momentum']
+        self.copy_params()
+        self.init_queues(embed_dim, config['queue_size'])
+        self.itm_fallbacks = 0
+        apply_speed_options(self, config)
+
+    # ---- named stages ---------------------------------------------------------------------------------------
+    def encode_image(self, image, encoder, proj):
+        """Image tokens and the normalised projected CLS feature."""
+        embeds = encoder(image)
+        return embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1)
+
+    def encode_text(self, text, encoder, proj):
+        """Text-mode tokens (layers [0, fusion_layer)) and the normalised projected CLS feature."""
+        embeds = encoder.bert(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
+                              mode='text').last_hidden_state
+        return embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1)
+
+    def fuse(self, text_embeds, text_mask, image_embeds):
+        """Fusion layers on text states cross-attending to image tokens; returns the multimodal CLS."""
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        out = self.text_encoder.bert(encoder_embeds=text_embeds, attention_mask=text_mask,
+                                     encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                                     return_dict=True, mode='fusion')
+        return out.last_hidden_state[:, 0, :]
+
+    def forward(self, image, text, alpha=0):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds, image_feat = self.encode_image(image, self.visual_encoder, self.vision_proj)
+        text_embeds, text_feat = self.encode_text(text, self.text_encoder, self.text_proj)
+
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m, image_feat_m = self.encode_image(image, self.visual_encoder_m, self.vision_proj_m)
+            _, text_feat_m = self.encode_text(text, self.text_encoder_m, self.text_proj_m)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            hard = losses.identity_targets(sim_i2t_m)
+            targets_i2t = losses.distill_targets(sim_i2t_m, hard, alpha)
+            targets_t2i = losses.distill_targets(sim_t2i_m, hard, alpha)
+
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_ita = losses.itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        loss_itm = self.itm_forward(image_embeds, text_embeds, text.attention_mask, sim_i2t, sim_t2i)
+        loss_mlm = self.mlm_forward(text, image_embeds, image_embeds_m, alpha)
+        return loss_mlm, loss_ita, loss_itm
+
+    def sample_negatives(self, sim_i2t, sim_t2i, idx=None):
+        """Hard negatives: an image index per text, then a text index per image (spec 5.2 step 7)."""
+        bs = sim_i2t.shape[0]
+        with torch.no_grad():
+            w_i2t = losses.negative_weights(sim_i2t[:, :bs], idx)
+            w_t2i = losses.negative_weights(sim_t2i[:, :bs], idx)
+            w_t2i, bad_t2i = losses.sanitize_negative_weights(w_t2i, idx)
+            w_i2t, bad_i2t = losses.sanitize_negative_weights(w_i2t, idx)
+            self.itm_fallbacks += bad_t2i + bad_i2t
+            neg_image = losses.sample_negatives(w_t2i, self.vectorized_negatives)
+            neg_text = losses.sample_negatives(w_i2t, self.vectorized_negatives)
+        return neg_image, neg_text
+
+    def itm_forward(self, image_embeds, text_embeds, text_mask, sim_i2t, sim_t2i, idx=None):
+        """ITM loss over [positives; (text, hard image); (hard text, image)]."""
+        bs = image_embeds.shape[0]
+        pos_cls = self.fuse(text_embeds, text_mask, image_embeds)
+        neg_image, neg_text = self.sample_negatives(sim_i2t, sim_t2i, idx)
+        text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)
+        text_atts_all = torch.cat([text_mask, text_mask[neg_text]], dim=0)
+        image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)
+        neg_cls = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
+        logits = self.itm_head(torch.cat([pos_cls, neg_cls], dim=0))
+        return losses.itm_loss(logits, bs)
+
+    def mlm_forward(self, text, image_embeds, image_embeds_m, alpha):
+        """Masked LM on the image-conditioned encoder with momentum soft labels."""
+        input_ids = text.input_ids.clone()
+        labels = input_ids.clone()
+        tok = self.tokenizer
+        input_ids, labels = losses.mask_tokens(input_ids, self.text_encoder.config.vocab_size, self.mlm_probability,
+                                               tok.pad_token_id, tok.cls_token_id, tok.mask_token_id, labels)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m(input_ids, attention_mask=text.attention_mask,
+                                           encoder_hidden_states=image_embeds_m, encoder_attention_mask=image_atts,
+                                           return_dict=True, return_logits=True)
+        out = self.text_encoder(input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
+                                encoder_attention_mask=image_atts, return_dict=True, labels=labels,
+                                soft_labels=F.softmax(logits_m.float(), dim=-1), alpha=alpha,
+                                softmax_dim=self.mlm_softmax_dim)
+        return out.loss

@@ -1,0 +1,412 @@
+"""Our own compact BERT for ALBEF (spec section 3), with the official module names.
+
+Layers `>= fusion_layer` add a cross-attention block whose keys/values read `encoder_hidden_states`
+(width `encoder_width`). `mode` selects the layers to run: 'text' (the text encoder), 'fusion' (the
+multimodal encoder, fed `encoder_embeds`), 'multi_modal' (all). `encoder_hidden_states` may be a list of
+image sequences: layer l then attends to element (l - fusion_layer) % n (the NLVR2 rule).
+
+transformers is used only for `BertConfig`; no modelling code is imported from it.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+
+SELF_MASK_VALUE = -10000.0   # xbert get_extended_attention_mask
+CROSS_MASK_VALUE = -1e9      # transformers 4.8.1 invert_attention_mask, fp32 branch
+
+
+@dataclass
+class BertOutput_:
+    """Output of every model in this file; fields not computed stay None."""
+    last_hidden_state: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+
+
+def make_bert_config(spec):
+    """BertConfig from a JSON path, a mapping of fields, or a BertConfig (fusion_layer/encoder_width included)."""
+    if isinstance(spec, BertConfig):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f'bert_config file {spec} does not exist; point bert_config at '
+                                    f'configs/config_bert.json or give the fields inline')
+        with open(spec) as f:
+            spec = json.load(f)
+    fields = dict(spec)
+    fields.setdefault('fusion_layer', fields.get('num_hidden_layers', 12) // 2)
+    fields.setdefault('encoder_width', fields.get('hidden_size', 768))
+    return BertConfig(**fields)
+
+
+def _activation(name):
+    if name in ('gelu', 'gelu_python'):
+        return nn.GELU()
+    if name == 'relu':
+        return nn.ReLU()
+    if name in ('gelu_new', 'gelu_pytorch_tanh'):
+        return nn.GELU(approximate='tanh')
+    raise ValueError(f'unsupported hidden_act {name!r} in the BERT config')
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # persistent: every official checkpoint contains embeddings.position_ids
+        self.register_buffer('position_ids', torch.arange(config.max_position_embeddings).expand((1, -1)).clone())
+
+    def forward(self, input_ids):
+        seq_length = input_ids.size(1)
+        position_ids = self.position_ids[:, :seq_length]
+        token_type = torch.zeros_like(input_ids)
+        emb = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type)
+        emb = emb + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(emb))
+
+
+class BertSelfAttention(nn.Module):
+    """Scaled dot-product attention; K/V from the encoder states for cross-attention."""
+
+    def __init__(self, config, is_cross_attention):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f'hidden_size {config.hidden_size} is not a multiple of num_attention_heads '
+                             f'{config.num_attention_heads}')
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.is_cross_attention = is_cross_attention
+        self.use_sdpa = True
+        self.save_attention = False
+        self.attention_map = None
+        self.attn_gradients = None
+
+    def save_attn_gradients(self, grad):
+        self.attn_gradients = grad
+
+    def get_attn_gradients(self):
+        """Gradient of the saved attention probabilities (set on backward)."""
+        return self.attn_gradients
+
+    def get_attention_map(self):
+        """Post-softmax, pre-dropout probabilities saved when `save_attention` is set: [B, heads, L, N]."""
+        return self.attention_map
+
+    def _heads(self, x):
+        return x.view(x.shape[0], x.shape[1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
+        source = encoder_hidden_states if self.is_cross_attention else hidden_states
+        q = self._heads(self.query(hidden_states))
+        k = self._heads(self.key(source))
+        v = self._heads(self.value(source))
+        capture = self.is_cross_attention and self.save_attention
+        if self.use_sdpa and not capture:
+            mask = None if attention_mask is None else attention_mask.to(q.dtype)
+            p = self.dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.softmax(dim=-1)
+            if capture:
+                self.attention_map = probs
+                probs.register_hook(self.save_attn_gradients)
+            context = torch.matmul(self.dropout(probs), v)
+        context = context.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+        return context
+
+
+class BertSelfOutput(nn.Module):
+    """Dense, dropout, residual, LayerNorm (post-norm)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertAttention(nn.Module):
+    """Self- or cross-attention block."""
+
+    def __init__(self, config, is_cross_attention=False):
+        super().__init__()
+        self.self = BertSelfAttention(config, is_cross_attention)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
+        return self.output(self.self(hidden_states, attention_mask, encoder_hidden_states), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = _activation(config.hidden_act)
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertLayer(nn.Module):
+    """Self-attention -> (cross-attention if layer_num >= fusion_layer) -> feed-forward."""
+
+    def __init__(self, config, layer_num):
+        super().__init__()
+        self.layer_num = layer_num
+        self.has_cross_attention = layer_num >= config.fusion_layer
+        self.attention = BertAttention(config)
+        if self.has_cross_attention:
+            self.crossattention = BertAttention(config, is_cross_attention=True)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, encoder_attention_mask=None):
+        hidden_states = self.attention(hidden_states, attention_mask)
+        if self.has_cross_attention:
+            if encoder_hidden_states is None:
+                raise ValueError(f'layer {self.layer_num} has cross-attention and needs encoder_hidden_states')
+            hidden_states = self.crossattention(hidden_states, encoder_attention_mask, encoder_hidden_states)
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+class BertEncoder(nn.Module):
+    """Stack of BertLayers; runs the layer range selected by `mode`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def layer_range(self, mode):
+        """Indices [start, end) of the layers run in `mode`."""
+        fusion, total = self.config.fusion_layer, self.config.num_hidden_layers
+        ranges = {'text': (0, fusion), 'fusion': (fusion, total), 'multi_modal': (0, total)}
+        if mode not in ranges:
+            raise ValueError(f"mode must be one of {sorted(ranges)}, got {mode!r}")
+        return ranges[mode]
+
+    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, encoder_attention_mask=None,
+                mode='multi_modal'):
+        start, end = self.layer_range(mode)
+        fusion = self.config.fusion_layer
+        for i in range(start, end):
+            enc, enc_mask = encoder_hidden_states, encoder_attention_mask
+            if isinstance(enc, (list, tuple)):
+                j = (i - fusion) % len(enc)
+                enc, enc_mask = enc[j], enc_mask[j]
+            layer = self.layer[i]
+            if self.gradient_checkpointing and self.training:
+                hidden_states = checkpoint(layer, hidden_states, attention_mask, enc, enc_mask, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, attention_mask, enc, enc_mask)
+        return hidden_states
+
+
+def extended_self_mask(attention_mask, is_decoder, dtype):
+    """Additive self-attention mask (1 - m) * -10000, causal-multiplied for decoders."""
+    if attention_mask.dim() == 3:
+        mask = attention_mask[:, None, :, :]
+    elif is_decoder:
+        L = attention_mask.shape[1]
+        causal = torch.tril(torch.ones(L, L, device=attention_mask.device, dtype=attention_mask.dtype))
+        mask = causal[None, None, :, :] * attention_mask[:, None, None, :]
+    else:
+        mask = attention_mask[:, None, None, :]
+    return (1.0 - mask.to(dtype)) * SELF_MASK_VALUE
+
+
+def extended_cross_mask(mask, dtype):
+    """Additive cross-attention mask (1 - m) * -1e9; None when every position is visible."""
+    if mask is None or bool(mask.all()):
+        return None
+    mask = mask[:, None, :, :] if mask.dim() == 3 else mask[:, None, None, :]
+    return (1.0 - mask.to(dtype)) * CROSS_MASK_VALUE
+
+
+def _init_bert_weights(module, std):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+class BertModel(nn.Module):
+    """Embeddings + encoder; no pooler (ALBEF never uses one)."""
+
+    def __init__(self, config, add_pooling_layer=False):
+        super().__init__()
+        if add_pooling_layer:
+            raise ValueError('ALBEF checkpoints have no pooler; build BertModel with add_pooling_layer=False')
+        self.config = make_bert_config(config)
+        self.embeddings = BertEmbeddings(self.config)
+        self.encoder = BertEncoder(self.config)
+        self.apply(lambda m: _init_bert_weights(m, self.config.initializer_range))
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_embeds=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, return_dict=True, is_decoder=False, mode='multi_modal', **unused):
+        if encoder_embeds is not None:
+            hidden = encoder_embeds
+        elif input_ids is not None:
+            hidden = self.embeddings(input_ids)
+        else:
+            raise ValueError('BertModel needs input_ids or encoder_embeds')
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        self_mask = extended_self_mask(attention_mask, is_decoder, hidden.dtype)
+        if encoder_hidden_states is not None:
+            encoder_attention_mask = self._cross_masks(encoder_hidden_states, encoder_attention_mask, hidden.dtype)
+        hidden = self.encoder(hidden, self_mask, encoder_hidden_states, encoder_attention_mask, mode=mode)
+        return BertOutput_(last_hidden_state=hidden)
+
+    @staticmethod
+    def _cross_masks(states, masks, dtype):
+        if isinstance(states, (list, tuple)):
+            masks = masks if masks is not None else [None] * len(states)
+            return [extended_cross_mask(m, dtype) for m in masks]
+        return extended_cross_mask(masks, dtype)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = _activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states):
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """Transform + decoder whose weight is tied to the word embeddings and whose bias is `bias`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden_states):
+        return self.decoder(self.transform(hidden_states))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, sequence_output):
+        return self.predictions(sequence_output)
+
+
+class _BertWithHead(nn.Module):
+    """`bert` + `cls` with the decoder tied to the word embeddings (transformers 4.8.1 tying, made explicit)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = make_bert_config(config)
+        self.bert = BertModel(self.config)
+        self.cls = BertOnlyMLMHead(self.config)
+        self.cls.apply(lambda m: _init_bert_weights(m, self.config.initializer_range))
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Make the decoder weight the word-embedding Parameter and the decoder bias `predictions.bias`."""
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+
+class BertForMaskedLM(_BertWithHead):
+    """Masked LM with optional soft-label distillation (spec 3.8)."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_embeds=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, labels=None, return_dict=True, return_logits=False, is_decoder=False,
+                mode='multi_modal', soft_labels=None, alpha=0, softmax_dim='vocab', **unused):
+        out = self.bert(input_ids, attention_mask=attention_mask, encoder_embeds=encoder_embeds,
+                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                        is_decoder=is_decoder, mode=mode)
+        logits = self.cls(out.last_hidden_state)
+        if return_logits:
+            return logits
+        loss = None
+        if labels is not None:
+            from .losses import mlm_loss
+            loss = mlm_loss(logits, labels, soft_labels, alpha, softmax_dim)
+        return BertOutput_(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
+
+
+class BertLMHeadModel(_BertWithHead):
+    """Causal LM (answer decoder): shifted logits, per-sequence summed loss, soft labels (spec 3.8)."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                labels=None, return_dict=True, return_logits=False, is_decoder=True, reduction='mean',
+                mode='multi_modal', soft_labels=None, alpha=0, **unused):
+        out = self.bert(input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                        encoder_attention_mask=encoder_attention_mask, is_decoder=is_decoder, mode=mode)
+        logits = self.cls(out.last_hidden_state)
+        if return_logits:
+            return logits[:, :-1, :].contiguous()
+        loss = None
+        if labels is not None:
+            from .losses import lm_loss
+            loss = lm_loss(logits[:, :-1, :].contiguous(), labels[:, 1:].contiguous(), reduction, soft_labels, alpha)
+        return BertOutput_(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
+
+
+def set_attention_impl(module, impl):
+    """Choose 'sdpa' (fused) or 'explicit' (matmul-softmax, the official path) for every attention in `module`."""
+    if impl not in ('sdpa', 'explicit'):
+        raise ValueError(f"attention implementation must be 'sdpa' or 'explicit', got {impl!r}")
+    for m in module.modules():
+        if hasattr(m, 'use_sdpa'):
+            m.use_sdpa = impl == 'sdpa'
+
+
+def set_grad_checkpointing(module, enable=True):
+    """Turn activation checkpointing on/off for every BERT encoder and ViT inside `module`."""
+    for m in module.modules():
+        if isinstance(m, BertEncoder):
+            m.gradient_checkpointing = enable
+        elif hasattr(m, 'set_grad_checkpointing') and m is not module:
+            m.set_grad_checkpointing(enable)
