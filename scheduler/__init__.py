@@ -1,0 +1,121 @@
+"""The official cosine schedule with linear warm-up (spec §10.2) and the way the scripts drive it (§10.3).
+
+The schedule is a function of an integer "epoch index" t. The official scripts step it in two regimes:
+- epoch 0: after the optimizer step of iteration i, if i % step_size == 0 and i <= step_size * W_t, set lr(i // step_size)
+  (a staircase warm-up of step_size * W_t iterations);
+- epochs e >= 1: a constant lr(e + W_t), set at the start of epoch e (`epoch_start`) or, equivalently, at the end
+  of epoch e - 1 (`epoch_end`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_WARMUP_STEP_SIZE = 100
+
+
+def cosine_lr(t: int, base_lr: float, warmup_lr: float, min_lr: float, warmup_epochs: int, epochs: int) -> float:
+    """lr(t): linear from warmup_lr over t < W_t, then cosine from base_lr to min_lr over `epochs` (min_lr after)."""
+    if t < warmup_epochs:
+        return warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
+    position = t - warmup_epochs
+    if position >= epochs:
+        return min_lr  # past the single cosine cycle, as the official scheduler does
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * position / epochs))
+
+
+class CosineLRScheduler:
+    """Sets every param group's LR to lr(t) on `step(t)`; LR starts at lr(0) (= warmup_lr with a warm-up)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, min_lr: float, warmup_lr: float,
+                 warmup_epochs: int, base_lr: float | None = None):
+        if epochs < 1 or warmup_epochs < 0:
+            raise ValueError(f"schedular needs epochs >= 1 and warmup_epochs >= 0, got {epochs}, {warmup_epochs}")
+        self.optimizer = optimizer
+        self.base_lr = float(base_lr if base_lr is not None else optimizer.param_groups[0]["lr"])
+        self.epochs = int(epochs)
+        self.min_lr = float(min_lr)
+        self.warmup_lr = float(warmup_lr)
+        self.warmup_epochs = int(warmup_epochs)
+        self.last_t: int | None = None
+        self.step(0)
+
+    def lr(self, t: int) -> float:
+        """The LR this schedule assigns to epoch index t."""
+        return cosine_lr(t, self.base_lr, self.warmup_lr, self.min_lr, self.warmup_epochs, self.epochs)
+
+    def step(self, t: int) -> float:
+        """Set the optimizer's LR to lr(t) and return it."""
+        value = self.lr(t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+        self.last_t = int(t)
+        return value
+
+    def get_last_lr(self) -> list[float]:
+        """Current LR of every param group (torch scheduler convention)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Everything but the optimizer, so a resumed run continues the same curve."""
+        return {"base_lr": self.base_lr, "epochs": self.epochs, "min_lr": self.min_lr, "warmup_lr": self.warmup_lr,
+                "warmup_epochs": self.warmup_epochs, "last_t": self.last_t}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the schedule and re-apply the LR of the last step taken."""
+        for key in ("base_lr", "epochs", "min_lr", "warmup_lr", "warmup_epochs", "last_t"):
+            if key in state:
+                setattr(self, key, state[key])
+        if self.last_t is not None:
+            self.step(self.last_t)
+
+
+def create_scheduler(config_schedular: dict, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
+    """Build the scheduler from the config block spelled `schedular` (sic); its own `lr` is unused, as officially."""
+    sched = config_schedular.get("sched", "cosine")
+    if sched != "cosine":
+        raise ValueError(f"schedular.sched must be 'cosine' (the only schedule ALBEF uses), got {sched!r}")
+    missing = [k for k in ("epochs", "min_lr", "warmup_lr", "warmup_epochs") if k not in config_schedular]
+    if missing:
+        raise ValueError(f"schedular block is missing {missing}; see configs/Pretrain.yaml for a complete block")
+    # decay_rate (1) and cooldown_epochs (0) only matter for restarts/cool-down, which ALBEF never reaches.
+    return CosineLRScheduler(optimizer, epochs=int(config_schedular["epochs"]),
+                             min_lr=float(config_schedular["min_lr"]), warmup_lr=float(config_schedular["warmup_lr"]),
+                             warmup_epochs=int(config_schedular["warmup_epochs"]))
+
+
+def warmup_step(scheduler: CosineLRScheduler, epoch: int, i: int, warmup_epochs: int,
+                step_size: int = DEFAULT_WARMUP_STEP_SIZE) -> bool:
+    """Call after the optimizer step of iteration i: the epoch-0 staircase warm-up; True when the LR was set."""
+    if epoch == 0 and i % step_size == 0 and i <= step_size * warmup_epochs:
+        scheduler.step(i // step_size)
+        return True
+    return False
+
+
+def epoch_start(scheduler: CosineLRScheduler, epoch: int, warmup_epochs: int) -> None:
+    """Pretrain/VQA/TA rule: at the start of epoch e >= 1 set lr(e + W_t)."""
+    if epoch > 0:
+        scheduler.step(epoch + warmup_epochs)
+
+
+def epoch_end(scheduler: CosineLRScheduler, epoch: int, warmup_epochs: int) -> None:
+    """Retrieval/NLVR/VE/Grounding rule: at the end of epoch e set lr(e + 1 + W_t) for the next epoch."""
+    scheduler.step(epoch + warmup_epochs + 1)
+
+
+def warmup_index(i: int, warmup_epochs: int, step_size: int = DEFAULT_WARMUP_STEP_SIZE) -> int:
+    """k(i) = min(floor(max(i - 1, 0) / step_size), W_t): the epoch index iteration i of epoch 0 trains with."""
+    return min(max(i - 1, 0) // step_size, warmup_epochs)
+
+
+def lr_at(config: dict, epoch: int, i: int = 0, step_size: int | None = None) -> float:
+    """The LR iteration i of epoch `epoch` trains with under the official driving rule (full task config)."""
+    sched = config["schedular"]
+    warmup_epochs = int(sched["warmup_epochs"])
+    if step_size is None:
+        step_size = int(config.get("warmup_step_size", DEFAULT_WARMUP_STEP_SIZE))
+    t = warmup_index(i, warmup_epochs, step_size) if epoch == 0 else epoch + warmup_epochs
+    return cosine_lr(t, float(config["optimizer"]["lr"]), float(sched["warmup_lr"]), float(sched["min_lr"]),
+                     warmup_epochs, int(sched["epochs"]))
