@@ -1,8 +1,8 @@
 """The official cosine schedule with linear warm-up (spec §10.2) and the way the scripts drive it (§10.3).
 
 The schedule is a function of an integer "epoch index" t. The official scripts step it in two regimes:
-- epoch 0: after the optimizer step of iteration i, if i % step_size == 0 and i <= step_size * W_t, set lr(i // step_size)
-  (a staircase warm-up of step_size * W_t iterations);
+- epoch 0: after the optimizer step of iteration i, if i % step_size == 0 and i <= step_size * W_t, set
+  lr(i // step_size) (a staircase warm-up of step_size * W_t iterations; step_size is `warmup_step_size`, 100);
 - epochs e >= 1: a constant lr(e + W_t), set at the start of epoch e (`epoch_start`) or, equivalently, at the end
   of epoch e - 1 (`epoch_end`).
 """
