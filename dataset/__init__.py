@@ -1,0 +1,247 @@
+"""Data package: datasets of every task, transforms, samplers and loaders (spec sections 11 and 13).
+
+`create_dataset(task, config)` returns `DatasetSplits(train, val, test)` (None where the task has no such split):
+
+| task | train | val | test |
+|---|---|---|---|
+| pretrain (also TA) | pretrain_dataset | None | None |
+| re | re_train_dataset | re_eval_dataset | re_eval_dataset |
+| vqa | vqa_dataset(split='train') | None | vqa_dataset(split='test') |
+| nlvr, ve | nlvr_dataset / ve_dataset | same | same |
+| grounding | grounding_dataset(mode='train') | None | grounding_dataset(mode='test') |
+
+This package never imports `models/`.
+"""
+
+import random
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
+from dataset.collate import TEXT_SETTINGS, TextBatch, TextCollator, VQACollator, build_collate_fn, tokenize
+from dataset.grounding_dataset import grounding_dataset
+from dataset.image_io import ImageLoadError, load_image
+from dataset.nlvr_dataset import nlvr_dataset
+from dataset.text import pre_caption, pre_question
+from dataset.transforms import build_transform
+from dataset.ve_dataset import ve_dataset
+from dataset.vqa_dataset import vqa_dataset
+
+TASKS = ("pretrain", "re", "vqa", "nlvr", "ve", "grounding")
+
+
+class DatasetSplits(NamedTuple):
+    """The train, val and test datasets of a task; a split the task lacks is None."""
+
+    train: Optional[Dataset]
+    val: Optional[Dataset]
+    test: Optional[Dataset]
+
+
+def _require(config, key: str, task: str):
+    """Read a config key, failing with a message that names the task and the missing key."""
+    if key not in config or config[key] in (None, ""):
+        raise KeyError(f"create_dataset('{task}'): the config lacks `{key}`; add it to the task's YAML (spec 9.2)")
+    return config[key]
+
+
+def _pretrain_splits(config, skip: bool) -> DatasetSplits:
+    """Pretraining (and TA pretraining) image-caption pairs."""
+    transform = build_transform("pretrain", config["image_res"])
+    train = pretrain_dataset(
+        _require(config, "train_file", "pretrain"), transform, config.get("image_root", ""), skip_bad_images=skip
+    )
+    return DatasetSplits(train, None, None)
+
+
+def _retrieval_splits(config, skip: bool) -> DatasetSplits:
+    """COCO / Flickr30K retrieval: caption-level train set, image-level val and test sets."""
+    root = _require(config, "image_root", "re")
+    train_tf, test_tf = build_transform("train", config["image_res"]), build_transform("test", config["image_res"])
+    return DatasetSplits(
+        re_train_dataset(_require(config, "train_file", "re"), train_tf, root, skip_bad_images=skip),
+        re_eval_dataset(_require(config, "val_file", "re"), test_tf, root, skip_bad_images=skip),
+        re_eval_dataset(_require(config, "test_file", "re"), test_tf, root, skip_bad_images=skip),
+    )
+
+
+def _vqa_splits(config, skip: bool) -> DatasetSplits:
+    """VQA v2 + VG-QA training set and the VQA test set with its answer list."""
+    vqa_root, vg_root = _require(config, "vqa_root", "vqa"), _require(config, "vg_root", "vqa")
+    eos = config.get("eos", "[SEP]")
+    train_tf, test_tf = build_transform("train", config["image_res"]), build_transform("test", config["image_res"])
+    train_file, test_file = _require(config, "train_file", "vqa"), _require(config, "test_file", "vqa")
+    answer_list = _require(config, "answer_list", "vqa")
+    train = vqa_dataset(train_file, train_tf, vqa_root, vg_root, eos=eos, split="train", skip_bad_images=skip)
+    test = vqa_dataset(
+        test_file, test_tf, vqa_root, vg_root, eos=eos, split="test", answer_list=answer_list, skip_bad_images=skip
+    )
+    return DatasetSplits(train, None, test)
+
+
+def _three_split(dataset_class, task: str, config, skip: bool) -> DatasetSplits:
+    """NLVR2 / SNLI-VE: train, val and test files under one image_root."""
+    root = _require(config, "image_root", task)
+    train_tf, test_tf = build_transform("train", config["image_res"]), build_transform("test", config["image_res"])
+    return DatasetSplits(
+        dataset_class(_require(config, "train_file", task), train_tf, root, skip_bad_images=skip),
+        dataset_class(_require(config, "val_file", task), test_tf, root, skip_bad_images=skip),
+        dataset_class(_require(config, "test_file", task), test_tf, root, skip_bad_images=skip),
+    )
+
+
+def _grounding_splits(config, skip: bool) -> DatasetSplits:
+    """RefCOCO+ training expressions and the concatenated val + test files."""
+    root = _require(config, "image_root", "grounding")
+    train_tf = build_transform("grounding_train", config["image_res"])
+    test_tf = build_transform("test", config["image_res"])
+    train_file, test_file = _require(config, "train_file", "grounding"), _require(config, "test_file", "grounding")
+    train = grounding_dataset(train_file, train_tf, root, mode="train", skip_bad_images=skip)
+    test = grounding_dataset(test_file, test_tf, root, mode="test", skip_bad_images=skip)
+    return DatasetSplits(train, None, test)
+
+
+def create_dataset(task: str, config) -> DatasetSplits:
+    """Build the (train, val, test) datasets of `task` from its config (keys of spec 9.2 plus skip_bad_images)."""
+    _require(config, "image_res", task)
+    skip = bool(config.get("skip_bad_images", False))
+    if task == "pretrain":
+        return _pretrain_splits(config, skip)
+    if task == "re":
+        return _retrieval_splits(config, skip)
+    if task == "vqa":
+        return _vqa_splits(config, skip)
+    if task == "nlvr":
+        return _three_split(nlvr_dataset, task, config, skip)
+    if task == "ve":
+        return _three_split(ve_dataset, task, config, skip)
+    if task == "grounding":
+        return _grounding_splits(config, skip)
+    raise ValueError(f"create_dataset (dataset/__init__.py): unknown task {task!r}; use one of {TASKS}")
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Non-shuffled strided split without padding, so evaluation sees every sample exactly once across ranks."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        """Give rank r the indices r, r + W, r + 2W, ... (the official assignment minus the padded tail)."""
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def create_sampler(datasets, shuffles, num_tasks: int, global_rank: int, seed: int = 0, pad_eval: bool = False):
+    """One DistributedSampler per dataset (None for a None dataset); non-shuffled ones do not pad unless `pad_eval`."""
+    if len(datasets) != len(shuffles):
+        raise ValueError(f"create_sampler: {len(datasets)} datasets but {len(shuffles)} shuffle flags")
+    samplers = []
+    for dataset, shuffle in zip(datasets, shuffles):
+        if dataset is None:
+            samplers.append(None)
+        elif shuffle or pad_eval:
+            samplers.append(
+                DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=shuffle, seed=seed)
+            )
+        else:
+            samplers.append(UnpaddedDistributedSampler(dataset, num_tasks, global_rank))
+    return samplers
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy (RandomAugment) and Python `random` (caption sampling) from this worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _per_split(value, count: int, name: str) -> list:
+    """Broadcast a scalar to every split, or check a list has one entry per split."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"create_loader: `{name}` has {len(values)} entries for {count} datasets")
+    return values
+
+
+def _check_nonempty(dataset, sampler, batch_size: int) -> None:
+    """A drop_last loader over fewer items than one batch would silently yield nothing."""
+    available = len(sampler) if sampler is not None else len(dataset)
+    if available < batch_size:
+        raise ValueError(
+            f"create_loader: a training split has {available} items per process but batch size {batch_size} with "
+            f"drop_last, so it would yield no batch; lower the batch size or add data"
+        )
+
+
+def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collate_fns, seed: Optional[int] = None):
+    """DataLoaders with the official rules: train drops the last batch and shuffles only without a sampler.
+
+    `seed` (pass seed + rank) fixes the shuffle order and the workers' base seed; `seed_worker` then seeds numpy
+    and `random` per worker. A None dataset gives a None loader.
+    """
+    count = len(datasets)
+    columns = [
+        _per_split(samplers, count, "samplers"),
+        _per_split(batch_size, count, "batch_size"),
+        _per_split(num_workers, count, "num_workers"),
+        _per_split(is_trains, count, "is_trains"),
+        _per_split(collate_fns, count, "collate_fns"),
+    ]
+    loaders = []
+    for dataset, sampler, size, workers, is_train, collate_fn in zip(datasets, *columns):
+        if dataset is None:
+            loaders.append(None)
+            continue
+        if is_train:
+            _check_nonempty(dataset, sampler, size)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        loaders.append(
+            DataLoader(
+                dataset,
+                batch_size=size,
+                num_workers=workers,
+                pin_memory=torch.cuda.is_available(),
+                sampler=sampler,
+                shuffle=bool(is_train) and sampler is None,
+                collate_fn=collate_fn,
+                drop_last=bool(is_train),
+                worker_init_fn=seed_worker,
+                persistent_workers=workers > 0,
+                generator=generator,
+            )
+        )
+    return loaders
+
+
+__all__ = [
+    "TASKS",
+    "TEXT_SETTINGS",
+    "DatasetSplits",
+    "ImageLoadError",
+    "TextBatch",
+    "TextCollator",
+    "UnpaddedDistributedSampler",
+    "VQACollator",
+    "build_collate_fn",
+    "build_transform",
+    "create_dataset",
+    "create_loader",
+    "create_sampler",
+    "grounding_dataset",
+    "load_image",
+    "nlvr_dataset",
+    "pre_caption",
+    "pre_question",
+    "pretrain_dataset",
+    "re_eval_dataset",
+    "re_train_dataset",
+    "seed_worker",
+    "tokenize",
+    "ve_dataset",
+    "vqa_dataset",
+]

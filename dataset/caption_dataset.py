@@ -1,0 +1,105 @@
+"""Image-caption datasets: pretraining pairs and image-text retrieval (train and eval) in the official formats."""
+
+import random
+
+from dataset.image_io import SkippingDataset, join_root, load_image, read_annotations
+from dataset.text import pre_caption
+
+
+class pretrain_dataset(SkippingDataset):
+    """Pretraining pairs: items {image (absolute or under image_root), caption (string or list)} -> (image, caption)."""
+
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
+        """Read the annotation file(s); images are opened lazily in `__getitem__`."""
+        super().__init__(skip_bad_images)
+        self.ann = read_annotations(ann_file, required_keys=("image", "caption"))
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def load_item(self, index: int):
+        """Return (image tensor, cleaned caption); a caption list is sampled anew on every access."""
+        ann = self.ann[index]
+        caption = ann["caption"]
+        if isinstance(caption, list):
+            caption = random.choice(caption)
+        image = load_image(join_root(self.image_root, ann["image"]), index)
+        return self.transform(image), pre_caption(caption, self.max_words)
+
+
+def contiguous_ids(keys) -> dict:
+    """Map each distinct key to 0, 1, 2, ... in order of first appearance."""
+    ids = {}
+    for key in keys:
+        if key not in ids:
+            ids[key] = len(ids)
+    return ids
+
+
+class re_train_dataset(SkippingDataset):
+    """Retrieval training: one item per caption {image, caption, image_id} -> (image, caption, idx)."""
+
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
+        """Read the annotations and number the image ids contiguously by first appearance."""
+        super().__init__(skip_bad_images)
+        self.ann = read_annotations(ann_file, required_keys=("image", "caption", "image_id"))
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+        self.img_ids = contiguous_ids(ann["image_id"] for ann in self.ann)
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def load_item(self, index: int):
+        """Return (image tensor, cleaned caption, contiguous image index)."""
+        ann = self.ann[index]
+        image = load_image(join_root(self.image_root, ann["image"]), index)
+        caption = pre_caption(ann["caption"], self.max_words)
+        return self.transform(image), caption, self.img_ids[ann["image_id"]]
+
+
+class re_eval_dataset(SkippingDataset):
+    """Retrieval evaluation: one item per image {image, caption: list} -> (image, index), plus text maps.
+
+    `text` holds every cleaned caption in order, `image` every image path, `img2txt[i]` the text ids of image i
+    and `txt2img[t]` the image id of text t.
+    """
+
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
+        """Read the annotations and build the flattened text list and both ground-truth maps."""
+        super().__init__(skip_bad_images)
+        self.ann = read_annotations(ann_file, required_keys=("image", "caption"))
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+        self.text, self.image, self.txt2img, self.img2txt = [], [], {}, {}
+        for img_id, ann in enumerate(self.ann):
+            self._add_image(img_id, ann)
+
+    def _add_image(self, img_id: int, ann: dict) -> None:
+        """Append one image and its captions to the flattened lists and maps."""
+        captions = ann["caption"]
+        if not isinstance(captions, list):
+            raise ValueError(
+                f"retrieval eval annotation {img_id} ('{ann['image']}') must have a list of captions; "
+                f"use re_train_dataset for one-caption-per-item files"
+            )
+        self.image.append(ann["image"])
+        self.img2txt[img_id] = []
+        for caption in captions:
+            txt_id = len(self.text)
+            self.text.append(pre_caption(caption, self.max_words))
+            self.img2txt[img_id].append(txt_id)
+            self.txt2img[txt_id] = img_id
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def load_item(self, index: int):
+        """Return (image tensor, index of the image)."""
+        image = load_image(join_root(self.image_root, self.ann[index]["image"]), index)
+        return self.transform(image), index

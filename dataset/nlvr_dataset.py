@@ -1,0 +1,28 @@
+"""NLVR2 dataset in the official format: {images: [path0, path1], sentence, label: 'True'|'False'}."""
+
+from dataset.image_io import SkippingDataset, join_root, load_image, read_annotations
+from dataset.text import pre_caption
+
+
+class nlvr_dataset(SkippingDataset):
+    """NLVR2 items -> (image0, image1, sentence, label) with label 1 iff the annotation says 'True'."""
+
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
+        """Read the annotations; both images go through `transform` independently."""
+        super().__init__(skip_bad_images)
+        self.ann = read_annotations(ann_file, required_keys=("images", "sentence", "label"))
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def load_item(self, index: int):
+        """Return (image0 tensor, image1 tensor, cleaned sentence, label int)."""
+        ann = self.ann[index]
+        path0, path1 = ann["images"]
+        image0 = self.transform(load_image(join_root(self.image_root, path0), index))
+        image1 = self.transform(load_image(join_root(self.image_root, path1), index))
+        label = 1 if ann["label"] == "True" else 0
+        return image0, image1, pre_caption(ann["sentence"], self.max_words), label

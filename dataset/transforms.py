@@ -1,0 +1,38 @@
+"""Image transforms of spec section 11.2 (CLIP normalisation, bicubic resampling, RandomAugment(2, 7))."""
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from dataset.randaugment import DEFAULT_AUGS, RandomAugment
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRANSFORM_KINDS = ("pretrain", "train", "grounding_train", "test")
+
+# RandomResizedCrop scale ranges of the two cropping pipelines.
+_CROP_SCALE = {"pretrain": (0.2, 1.0), "train": (0.5, 1.0)}
+
+
+def _normalize_tail() -> list:
+    """ToTensor followed by CLIP normalisation, shared by every pipeline."""
+    return [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+
+
+def _augment_head() -> list:
+    """Horizontal flip and RandomAugment(2, 7), shared by every training pipeline."""
+    return [T.RandomHorizontalFlip(), RandomAugment(2, 7, isPIL=True, augs=DEFAULT_AUGS)]
+
+
+def build_transform(kind: str, image_res: int) -> T.Compose:
+    """Build the `kind` pipeline (pretrain | train | grounding_train | test) at `image_res` pixels."""
+    square = (image_res, image_res)
+    if kind in _CROP_SCALE:
+        crop = T.RandomResizedCrop(image_res, scale=_CROP_SCALE[kind], interpolation=InterpolationMode.BICUBIC)
+        return T.Compose([crop, *_augment_head(), *_normalize_tail()])
+    if kind == "grounding_train":
+        resize = T.Resize(square, interpolation=InterpolationMode.BICUBIC)
+        return T.Compose([resize, *_augment_head(), *_normalize_tail()])
+    if kind == "test":
+        # Squashes to a square without keeping the aspect ratio, as the official test transform does.
+        return T.Compose([T.Resize(square, interpolation=InterpolationMode.BICUBIC), *_normalize_tail()])
+    raise ValueError(f"build_transform (dataset/transforms.py): unknown kind {kind!r}; use one of {TRANSFORM_KINDS}")
