@@ -139,3 +139,19 @@ def distill_classification_loss(logits, logits_m, targets, alpha):
         return ce
     soft = -torch.sum(F.log_softmax(logits, dim=1) * F.softmax(logits_m.float(), dim=1), dim=1).mean()
     return (1 - alpha) * ce + alpha * soft
+
+
+def vqa_loss(per_answer_loss, weights, num_questions):
+    """sum(weight * per-answer loss) / number of questions (quirk 14: not divided by the weights' sum)."""
+    return (weights.to(per_answer_loss.dtype) * per_answer_loss).sum() / num_questions
+
+
+def answer_sequence_scores(topk_first_probs, answer_nll, first_token_once=False):
+    """Ranking score log p(first token) - sequence NLL per kept answer [B, k].
+
+    The sequence NLL already includes the first answer token, so the official score counts it twice (quirk 13);
+    `first_token_once` scores the sequence log-probability alone.
+    """
+    if first_token_once:
+        return -answer_nll
+    return topk_first_probs.log() - answer_nll
