@@ -114,3 +114,98 @@ def load_deit(visual_encoder, path):
     if missing:
         raise CheckpointError(f'{path} does not fit the ViT: missing {missing[:5]}')
     return unexpected
+
+
+# ---- ALBEF checkpoint layouts and the retrieval / grounding conversion (spec 7.5, 8.1, 8.6) ---------------------
+QUEUE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr')
+
+
+def is_momentum_key(key):
+    """True for keys of momentum modules (`visual_encoder_m.*`, `text_proj_m.*`, ...)."""
+    return key.split('.', 1)[0].endswith('_m')
+
+
+def has_momentum_keys(sd):
+    """Whether a state dict holds momentum modules (training form) or not (raw released files)."""
+    return any(is_momentum_key(k) for k in sd)
+
+
+def is_pretrain_layout(sd):
+    """Whether the text encoder is stored as `text_encoder.bert.*` (pretraining checkpoints)."""
+    return any(k.startswith('text_encoder.bert.') for k in sd)
+
+
+def interpolate_pos_embeds(sd, model, prefixes=('visual_encoder', 'visual_encoder_m')):
+    """Resize `<prefix>.pos_embed` to the model's grid for every listed ViT present in both (spec 2.3)."""
+    for prefix in prefixes:
+        key = f'{prefix}.pos_embed'
+        if key in sd and hasattr(model, prefix):
+            sd[key] = interpolate_pos_embed(sd[key], getattr(model, prefix))
+    return sd
+
+
+def strip_bert_prefix(sd):
+    """Rule 8.1 step 2: every key containing 'bert' loses 'bert.' (`text_encoder.bert.X` -> `text_encoder.X`)."""
+    for key in list(sd):
+        if 'bert' in key:
+            sd[key.replace('bert.', '')] = sd.pop(key)
+    return sd
+
+
+def drop_training_state(sd):
+    """Remove momentum and queue tensors (not part of the inference form); returns the removed keys."""
+    dropped = [k for k in sd if is_momentum_key(k) or k in QUEUE_KEYS]
+    for key in dropped:
+        del sd[key]
+    return dropped
+
+
+def convert_to_retrieval(sd, model):
+    """Pretrained or fine-tuned weights -> the retrieval/grounding layout of `model` (spec 8.1, 8.6).
+
+    The source layout is detected instead of assumed: pretraining files get `bert.` stripped (official rule),
+    raw fine-tuned files are taken as they are; momentum/queue tensors are dropped for an inference-form model.
+    Returns (state dict, dropped keys).
+    """
+    sd = interpolate_pos_embeds(dict(sd), model)
+    if is_pretrain_layout(sd):
+        strip_bert_prefix(sd)
+    dropped = [] if getattr(model, 'with_momentum', True) else drop_training_state(sd)
+    return sd, dropped
+
+
+@torch.no_grad()
+def init_momentum_from_online(model, missing):
+    """Continuing training from a file without momentum weights: copy online -> momentum, fresh queues (spec 8.6)."""
+    if not getattr(model, 'with_momentum', False):
+        return False
+    momentum_missing = [k for k in missing if is_momentum_key(k)]
+    if not momentum_missing:
+        return False
+    model.copy_params()
+    model.reset_queues()
+    print(f'the checkpoint has no momentum weights ({len(momentum_missing)} missing): momentum encoders copied '
+          f'from the loaded online weights, queues re-initialised (random unit vectors, idx -100, ptr 0)')
+    return True
+
+
+def load_retrieval_checkpoint(model, path):
+    """Load a pretraining, fine-tuned (training checkpoint) or raw released file into a retrieval/grounding model.
+
+    Returns (missing, unexpected, dropped) key lists; the official outcome for a pretraining file is
+    missing = [idx_queue] and unexpected = the 14 `*.cls.predictions.*` keys.
+    """
+    sd, dropped = convert_to_retrieval(load_state_dict_file(path), model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    print(f'load checkpoint from {path}')
+    if missing == ['temp'] and not unexpected:
+        warnings.warn(f'{path} has no temp; keeping the configured temp {float(model.temp):.4g}')
+    print(f'missing keys: {len(missing)} {_abbrev(missing)}; unexpected keys: {len(unexpected)} {_abbrev(unexpected)}'
+          + (f'; {len(dropped)} momentum/queue tensors not used by the inference form' if dropped else ''))
+    init_momentum_from_online(model, missing)
+    return list(missing), list(unexpected), dropped
+
+
+def _abbrev(keys, n=4):
+    keys = list(keys)
+    return '[' + ', '.join(keys[:n]) + (', ...' if len(keys) > n else '') + ']'
