@@ -209,3 +209,120 @@ def load_retrieval_checkpoint(model, path):
 def _abbrev(keys, n=4):
     keys = list(keys)
     return '[' + ', '.join(keys[:n]) + (', ...' if len(keys) > n else '') + ']'
+
+
+# ---- NLVR2 text assignment, NLVR2 and SNLI-VE (spec 8.2, 8.4, 8.5) ---------------------------------------------
+def is_ta_layout(sd):
+    """Whether a state dict comes from text-assignment pretraining (it has `ta_head`)."""
+    return 'ta_head.weight' in sd
+
+
+def duplicate_fusion_layers(sd, fusion_layer):
+    """Rule 8.4: text-encoder layer N >= f becomes layers 2(N-f)+f and 2(N-f)+f+1 (6 -> 6,7 ... 11 -> 16,17).
+
+    Applies to `text_encoder*.encoder.layer.N.*` keys (after `bert.` was stripped); layers below f keep their
+    number. Returns a new dict (the targets overlap the source numbers, so the mapping cannot run in place).
+    """
+    out = {}
+    for key, value in sd.items():
+        parts = key.split('.')
+        is_layer = parts[0].startswith('text_encoder') and parts[1:3] == ['encoder', 'layer']
+        if not is_layer or int(parts[3]) < fusion_layer:
+            out[key] = value
+            continue
+        first = 2 * (int(parts[3]) - fusion_layer) + fusion_layer
+        for target in (first, first + 1):
+            out['.'.join(parts[:3] + [str(target)] + parts[4:])] = value
+    return out
+
+
+def convert_pretrain_to_ta(sd, model):
+    """Pretraining weights -> the TA model (spec 8.4): pos_embed resized, `bert.` stripped, fusion layers doubled.
+
+    Official outcome: missing = ta_head (2); unexpected = queues, itm_head, MLM heads and every momentum key.
+    """
+    sd = interpolate_pos_embeds(dict(sd), model, ('visual_encoder',))
+    strip_bert_prefix(sd)
+    return duplicate_fusion_layers(sd, model.text_encoder.config.fusion_layer)
+
+
+def convert_ta_to_nlvr(sd, model):
+    """TA weights -> the NLVR2 model (spec 8.5): only the online pos_embed is resized; keys are already NLVR2 keys."""
+    return interpolate_pos_embeds(dict(sd), model, ('visual_encoder',))
+
+
+def convert_pretrain_to_ve(sd, model):
+    """Pretraining weights -> the SNLI-VE model (spec 8.2): pos_embeds resized (momentum one if built), `bert.` cut.
+
+    Official outcome: missing = cls_head and cls_head_m (8); unexpected = temp, queues, projections, itm_head and
+    both MLM heads (28).
+    """
+    return strip_bert_prefix(interpolate_pos_embeds(dict(sd), model))
+
+
+def _load_and_report(model, sd, path):
+    """Non-strict load that prints and returns the missing/unexpected key lists."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    print(f'load checkpoint from {path}')
+    print(f'missing keys: {len(missing)} {_abbrev(missing)}; unexpected keys: {len(unexpected)} {_abbrev(unexpected)}')
+    return list(missing), list(unexpected)
+
+
+def _source(path_or_sd):
+    if isinstance(path_or_sd, dict):
+        return dict(path_or_sd), '<state dict>'
+    return dict(load_state_dict_file(path_or_sd)), path_or_sd
+
+
+@torch.no_grad()
+def _momentum_from_online_if_absent(model, missing, why):
+    """copy_params() when a distill model's momentum weights were not in the file; returns whether it copied."""
+    if not getattr(model, 'distill', False) or not any(is_momentum_key(k) for k in missing):
+        return False
+    model.copy_params()
+    print(f'momentum encoders copied from the loaded online weights ({why})')
+    return True
+
+
+def load_ta_checkpoint(model, path_or_sd):
+    """Start text-assignment pretraining from a pretraining file (converted) or a TA file (as is)."""
+    sd, path = _source(path_or_sd)
+    sd = convert_pretrain_to_ta(sd, model) if is_pretrain_layout(sd) else interpolate_pos_embeds(sd, model)
+    return _load_and_report(model, sd, path)
+
+
+def load_nlvr_checkpoint(model, path_or_sd, momentum_init='before_load'):
+    """Load a TA file (the official start), an NLVR2 fine-tuned file, or a pretraining file (via the TA rule).
+
+    momentum_init 'before_load' (official, spec 14 #3): the momentum models keep the copy made at construction,
+    i.e. the randomly initialised ViT and BERT; 'after_load': they are copied from the loaded online weights.
+    A fine-tuned file without momentum keys always gets its momentum models copied after loading (spec 8.6).
+    """
+    if momentum_init not in ('before_load', 'after_load'):
+        raise ValueError(f"nlvr_momentum_init must be 'before_load' or 'after_load', got {momentum_init!r}")
+    sd, path = _source(path_or_sd)
+    from_ta = is_ta_layout(sd)
+    if is_pretrain_layout(sd):
+        print(f'{path} is a pretraining checkpoint: applying the text-assignment conversion first (the official '
+              f'NLVR2 recipe runs Pretrain_nlvr.py on it and starts from that checkpoint instead)')
+        sd = {k: v for k, v in sd.items() if not is_momentum_key(k)}  # as a TA file: no momentum weights
+        sd = convert_pretrain_to_ta(sd, model)
+        from_ta = True
+    sd = convert_ta_to_nlvr(sd, model) if from_ta else interpolate_pos_embeds(sd, model)
+    missing, unexpected = _load_and_report(model, sd, path)
+    if not from_ta:
+        _momentum_from_online_if_absent(model, missing, 'the fine-tuned file has none')
+    elif momentum_init == 'after_load':
+        _momentum_from_online_if_absent(model, missing, 'nlvr_momentum_init: after_load')
+    return missing, unexpected
+
+
+def load_ve_checkpoint(model, path_or_sd):
+    """Load a pretraining file (converted, spec 8.2) or an SNLI-VE fine-tuned file (as is) into the VE model."""
+    sd, path = _source(path_or_sd)
+    pretrain = is_pretrain_layout(sd)
+    sd = convert_pretrain_to_ve(sd, model) if pretrain else interpolate_pos_embeds(sd, model)
+    missing, unexpected = _load_and_report(model, sd, path)
+    if not pretrain:
+        _momentum_from_online_if_absent(model, missing, 'the fine-tuned file has none')
+    return missing, unexpected
