@@ -67,6 +67,8 @@ _TRAINING_KEYS = {
 _SPEED_KEYS = {
     "grad_checkpointing": Key(BOOL), "compile": Key(BOOL), "attention": Key(STR, ("sdpa", "explicit")),
     "ema": Key(STR, ("reference", "foreach")), "vectorized_negatives": Key(BOOL), "queue_wraparound": Key(BOOL),
+    # retrieval evaluation: 'fast' = batched re-ranker with per-image K/V reuse, 'reference' = official loop
+    "rerank_method": Key(STR, ("fast", "reference")), "rerank_batch": Key(INT),
 }
 # Spec §14: opt-in alternatives to official quirks. Defaults are the official behaviour and are written into
 # every loaded config so that each run's saved config records them.
