@@ -1,0 +1,163 @@
+"""Pretraining model contract: official keys/shapes and parameter counts at full size, masking rule, crash-free
+hard negatives, queue rules, and the speed paths computing the same function as the reference paths."""
+import json
+import os
+import types
+
+import pytest
+import torch
+
+import utils
+from models import losses
+from models.model_pretrain import ALBEF
+from models.xbert import set_attention_impl, set_grad_checkpointing
+from tests.parity_utils import FIXTURES, StubTokenizer, build_model, load_reference, text_input
+
+REF = load_reference('pretrain')
+
+
+def full_size_model():
+    config = utils.load_config('configs/Pretrain.yaml')
+    with torch.device('meta'):
+        return ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=False)
+
+
+def test_full_size_keys_and_shapes_equal_official():
+    model = full_size_model()
+    ref = json.load(open(os.path.join(FIXTURES, 'keys', 'pretrain.json')))
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert len(ours) == ref['num_keys'] == 844
+    assert ours == ref['keys']
+    assert list(ours) == list(ref['keys']), 'key order differs from the official state dict'
+
+
+def test_full_size_parameter_counts_match_spec():
+    model = full_size_model()
+    online = {id(p): p for n, p in model.named_parameters() if p.requires_grad}
+    everything = {id(p): p for p in model.parameters()}
+    assert sum(p.numel() for p in online.values()) == 209_937_725
+    assert sum(p.numel() for p in everything.values()) == 419_873_911
+
+
+def test_masking_rule_proportions():
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 30000, (400, 50))
+    ids[:, 0] = 101
+    ids[:, 40:] = 0
+    masked, labels = losses.mask_tokens(ids.clone(), 30522, 0.15, 0, 101, 103, ids.clone())
+    selected = labels != -100
+    real = (ids != 0) & (ids != 101)
+    assert not selected[:, 0].any() and not selected[:, 40:].any()
+    assert abs(selected.sum().item() / real.sum().item() - 0.15) < 0.01
+    assert torch.equal(labels[selected], ids[selected])
+    mask_share = (masked[selected] == 103).float().mean().item()
+    unchanged_share = (masked[selected] == ids[selected]).float().mean().item()
+    assert abs(mask_share - 0.8) < 0.02
+    assert abs(unchanged_share - 0.1) < 0.02  # the last 10% stay, plus rare random draws of the same id
+    assert torch.equal(masked[~selected], ids[~selected])
+
+
+def test_mlm_loss_is_zero_not_nan_when_nothing_is_masked():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    loss = losses.mlm_loss(logits, labels, torch.softmax(torch.randn(2, 5, 11), -1), 0.4)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_hard_negatives_never_crash():
+    with pytest.raises(ValueError, match='at least 2'):
+        losses.sanitize_negative_weights(torch.zeros(1, 1))
+    w = torch.tensor([[0.0, 0.0, 0.0], [float('nan'), 0.0, 1.0], [0.2, float('inf'), 0.0]])
+    clean, bad = losses.sanitize_negative_weights(w)
+    assert bad == 1 and torch.isfinite(clean).all()
+    assert torch.equal(clean[0], torch.tensor([0.0, 1.0, 1.0]))  # uniform over j != b
+    assert torch.equal(clean[1], torch.tensor([0.0, 0.0, 1.0]))  # NaN -> 0, healthy rest kept
+    for _ in range(20):
+        neg = losses.sample_negatives(clean)
+        assert neg[0] != 0
+    # all items share one image id except one: the fallback prefers a different id
+    idx = torch.tensor([7, 7, 9])
+    clean, bad = losses.sanitize_negative_weights(torch.zeros(3, 3), idx)
+    assert bad == 3
+    assert torch.equal(clean[0], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(clean[2], torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_forward_survives_identical_batch_items():
+    """A batch of one repeated pair makes healthy weights; the model still trains (no multinomial crash)."""
+    m = build_model('pretrain', REF, no_dropout=True).train()
+    img = REF['inputs']['image'][:1].repeat(4, 1, 1, 1)
+    ids = REF['inputs']['input_ids'][:1].repeat(4, 1)
+    out = m(img, text_input(ids, torch.ones_like(ids)), alpha=0.4)
+    assert all(torch.isfinite(x) for x in out)
+
+
+def test_queue_divisibility_is_checked_and_wraparound_opt_in():
+    m = build_model('pretrain', REF)  # queue 16
+    with pytest.raises(ValueError, match='queue_size 16 is not divisible by the global batch 6'):
+        m.check_queue_divisible(6)
+    m.queue_wraparound = True
+    feats = torch.nn.functional.normalize(torch.randn(6, 32), dim=-1)
+    for _ in range(3):
+        m._dequeue_and_enqueue(feats, feats)
+    assert int(m.queue_ptr) == 18 % 16
+    assert torch.allclose(m.image_queue[:, 0], feats[4])
+
+
+def test_foreach_ema_equals_reference_loop():
+    a = build_model('pretrain', REF)
+    b = build_model('pretrain', REF)
+    with torch.no_grad():
+        for p in list(a.parameters()) + list(b.parameters()):
+            if p.requires_grad:
+                p.add_(0.01)
+    b.ema_impl = 'foreach'
+    a._momentum_update()
+    b._momentum_update()
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa.float(), pb.float(), rtol=0, atol=1e-7), name
+    assert b.text_encoder_m.cls.predictions.decoder.weight is b.text_encoder_m.bert.embeddings.word_embeddings.weight
+
+
+def _losses(model, seed=5):
+    torch.manual_seed(seed)
+    i = REF['inputs']
+    return model(i['image'], text_input(i['input_ids'], i['attention_mask']), alpha=0.4)
+
+
+def test_sdpa_and_explicit_attention_compute_the_same_losses_and_grads():
+    a = build_model('pretrain', REF, no_dropout=True).train()
+    b = build_model('pretrain', REF, no_dropout=True).train()
+    set_attention_impl(b, 'explicit')
+    la, lb = _losses(a), _losses(b)
+    for x, y in zip(la, lb):
+        assert torch.allclose(x, y, atol=1e-5)
+    sum(la).backward()
+    sum(lb).backward()
+    assert torch.allclose(a.vision_proj.weight.grad, b.vision_proj.weight.grad, atol=1e-5)
+
+
+def test_grad_checkpointing_keeps_losses_and_grads():
+    a = build_model('pretrain', REF, no_dropout=True).train()
+    b = build_model('pretrain', REF, no_dropout=True).train()
+    set_grad_checkpointing(b, True)
+    la, lb = _losses(a), _losses(b)
+    for x, y in zip(la, lb):
+        assert torch.allclose(x, y, atol=1e-6)
+    sum(la).backward()
+    sum(lb).backward()
+    g_a = a.text_encoder.bert.encoder.layer[0].attention.self.query.weight.grad
+    g_b = b.text_encoder.bert.encoder.layer[0].attention.self.query.weight.grad
+    assert torch.allclose(g_a, g_b, atol=1e-6)
+    assert torch.allclose(a.visual_encoder.blocks[0].attn.qkv.weight.grad,
+                          b.visual_encoder.blocks[0].attn.qkv.weight.grad, atol=1e-6)
+
+
+def test_constructor_never_downloads_and_names_missing_deit():
+    config = utils.load_config('configs/Pretrain_synthetic.yaml')
+    config['deit_checkpoint'] = '/nonexistent/deit.pth'
+    from models.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match='/nonexistent/deit.pth'):
+        ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=True)
