@@ -211,6 +211,65 @@ def _abbrev(keys, n=4):
     return '[' + ', '.join(keys[:n]) + (', ...' if len(keys) > n else '') + ']'
 
 
+# ---- VQA conversion (spec 8.3, 8.6) ----------------------------------------------------------------------------
+def is_vqa_layout(sd):
+    """Whether a state dict already holds an answer decoder (a fine-tuned VQA file)."""
+    return any(k.startswith(('text_decoder.', 'text_decoder_m.')) for k in sd)
+
+
+def pretrain_to_vqa(sd, fusion_layer=6):
+    """Rule 8.3 on a pretraining state dict (in place): encoder from all layers, decoder from the fusion layers.
+
+    Over the original keys: every key containing 'bert' is also copied without 'bert.' (the text encoder); every
+    `text_encoder*` key is then moved to `text_decoder*` (keeping 'bert.'), where layer N < fusion_layer is
+    dropped and layer N >= fusion_layer becomes decoder layer N - fusion_layer; embeddings and the MLM head move
+    unchanged, so `text_encoder_m` feeds `text_decoder_m` likewise.
+    """
+    for key in list(sd):
+        if 'bert' in key:
+            sd[key.replace('bert.', '')] = sd[key]
+        if 'text_encoder' not in key:
+            continue
+        fields = key.split('.')
+        if 'layer' in key:  # 'LayerNorm' does not match: only encoder.layer.N keys
+            layer_num = int(fields[4])
+            if layer_num < fusion_layer:
+                del sd[key]
+                continue
+            fields[4] = str(layer_num - fusion_layer)
+        sd['.'.join(fields).replace('text_encoder', 'text_decoder')] = sd.pop(key)
+    return sd
+
+
+def convert_to_vqa(sd, model):
+    """Pretrained or fine-tuned weights -> the VQA layout of `model`, detecting the source layout (spec 8.3)."""
+    sd = interpolate_pos_embeds(dict(sd), model)
+    if is_pretrain_layout(sd) and not is_vqa_layout(sd):
+        pretrain_to_vqa(sd, model.text_encoder.config.fusion_layer)
+    elif not getattr(model, 'distill', True):
+        for key in [k for k in sd if is_momentum_key(k)]:
+            del sd[key]  # a distill-trained file evaluated by a model without momentum copies
+    return sd
+
+
+def load_vqa_checkpoint(model, path):
+    """Load a pretraining checkpoint or a VQA file (wrapped or raw, with or without `_m` keys) into a VQA model.
+
+    Returns (missing, unexpected) key lists; the official outcome for a pretraining file is no missing key and
+    the 14 unexpected keys `temp`, the queues, the projections and `itm_head`.
+    """
+    sd = convert_to_vqa(load_state_dict_file(path), model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    print(f'load checkpoint from {path}')
+    print(f'missing keys: {len(missing)} {_abbrev(missing)}; unexpected keys: {len(unexpected)} {_abbrev(unexpected)}')
+    momentum_missing = [k for k in missing if is_momentum_key(k)]
+    if momentum_missing and getattr(model, 'distill', False):
+        model.copy_params()
+        print(f'the checkpoint has no momentum weights ({len(momentum_missing)} missing): momentum encoders and '
+              f'decoder copied from the loaded online weights')
+    return list(missing), list(unexpected)
+
+
 # ---- NLVR2 text assignment, NLVR2 and SNLI-VE (spec 8.2, 8.4, 8.5) ---------------------------------------------
 def is_ta_layout(sd):
     """Whether a state dict comes from text-assignment pretraining (it has `ta_head`)."""
