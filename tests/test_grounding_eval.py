@@ -128,3 +128,44 @@ def test_compute_gradcams_over_a_loader_gives_one_map_per_item():
         expected = ref['outputs'][f'gradcam_{mode}']
         assert torch.allclose(cams / expected.abs().max(), expected / expected.abs().max(), atol=1e-5)
     assert model.training  # restored
+
+
+# ---- Grounding.py on the hand-made REFER fixture ------------------------------------------------------------------
+def test_grounding_script_trains_evaluates_and_writes_metrics(refcoco, tmp_path):
+    import os
+
+    import Grounding
+    from PIL import Image
+    from utils import load_config, save_config
+    for record in IMAGES:
+        Image.new('RGB', (record['width'], record['height']), (90, 160, 220)).save(tmp_path / record['file_name'])
+    files = {1: 'a.jpg', 2: 'b.jpg'}
+    items = [{'image': files[r['image_id']], 'text': r['sentences'][0]['sent'], 'ref_id': r['ref_id']} for r in REFS]
+    (tmp_path / 'train.json').write_text(json.dumps([{k: i[k] for k in ('image', 'text')} for i in items] * 2))
+    (tmp_path / 'test.json').write_text(json.dumps([i for i in items if i['ref_id'] != 202]))
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'Grounding_synthetic.yaml'))
+    config.update(train_file=[str(tmp_path / 'train.json')], test_file=[str(tmp_path / 'test.json')],
+                  refcoco_data=str(tmp_path), det_file=str(tmp_path / 'refcoco+' / 'dets.json'),
+                  coco_file=str(tmp_path / 'refcoco+' / 'dets.json'), image_root=str(tmp_path), image_res=32,
+                  batch_size=2, num_workers=0, queue_size=4, gradcam_block=1, max_steps_per_epoch=2)
+    config['vit'] = dict(config['vit'], depth=1)
+    config['bert_config'] = dict(config['bert_config'], num_hidden_layers=2, fusion_layer=1)
+    config['schedular'] = dict(config['schedular'], epochs=1)
+    save_config(config, str(tmp_path / 'config.yaml'))
+    common = ['--config', str(tmp_path / 'config.yaml'), '--device', 'cpu', '--text_encoder', 'none']
+    out = tmp_path / 'ft'
+    Grounding.main(Grounding.parser().parse_args(common + ['--output_dir', str(out)]))
+    record = json.loads((out / 'log.txt').read_text().splitlines()[0])
+    assert {'val_d', 'testA_d', 'testB_d', 'no_positive_score', 'train_loss_ita', 'train_loss_itm'} <= set(record)
+    assert (out / 'checkpoint_best.pth').is_file()
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['gradcam_mode'] == 'itm' and metrics['gradcam_block'] == 1
+    assert metrics['random_proposal']['val_d'] == pytest.approx(1 / 3)
+    ev = tmp_path / 'ev'
+    Grounding.main(Grounding.parser().parse_args(common + ['--output_dir', str(ev), '--evaluate', '--checkpoint',
+                                                           str(out / 'checkpoint_best.pth'), '--gradcam_mode', 'itc',
+                                                           '--block_num', '0']))
+    metrics = json.loads((ev / 'metrics.json').read_text())
+    assert metrics['evaluate_only'] and metrics['gradcam_mode'] == 'itc' and metrics['gradcam_block'] == 0
+    assert metrics['accuracy']['n_val'] == 1 and metrics['accuracy']['n_testA'] == 1
+    assert 'gradcam_mode: itc' in (ev / 'config.yaml').read_text()
