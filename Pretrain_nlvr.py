@@ -1,0 +1,54 @@
+"""Text-assignment (TA) pretraining for NLVR2: one epoch on image-caption pairs (spec 6.3, official issue #115).
+
+Starts from an ALBEF pretraining checkpoint (fusion layers duplicated into the 18-layer pair encoder, spec 8.4);
+its output_dir/checkpoint_last.pth is the --checkpoint of NLVR.py.
+One process:   python Pretrain_nlvr.py --config configs/NLVR_pretrain_synthetic.yaml --text_encoder none \
+                   --checkpoint output/pretrain/checkpoint_last.pth --output_dir output/nlvr_ta
+Several GPUs:  torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml \
+                   --checkpoint ALBEF_4M.pth --output_dir output/NLVR_pretrain
+"""
+import engine
+import utils
+from dataset import build_collate_fn, create_dataset, create_loader, create_sampler
+from models.checkpoint import load_ta_checkpoint
+from models.model_pretrain_nlvr import ALBEF
+from models.tokenization import build_tokenizer
+
+
+def main(args):
+    config = engine.setup(args)
+    device = engine.device_of(args)
+    tokenizer = build_tokenizer(args.text_encoder)
+
+    # the pretraining data, transform and text settings (truncation at 25 tokens)
+    train_set = create_dataset('pretrain', config).train
+    world, rank = utils.get_world_size(), utils.get_rank()
+    sampler = create_sampler([train_set], [True], world, rank, args.seed)[0] if args.distributed else None
+    loader = create_loader([train_set], [sampler], [config['batch_size']], [config.get('num_workers', 4)], [True],
+                           [build_collate_fn('pretrain', tokenizer, train=True)], seed=args.seed + rank)[0]
+
+    # every text weight of the TA model comes from the pretraining checkpoint (layers >= 6 duplicated)
+    text_weights = None if (args.checkpoint or args.resume) else args.text_encoder
+    model = ALBEF(config=config, text_encoder=text_weights, tokenizer=tokenizer)
+    if args.checkpoint and args.resume is None:
+        load_ta_checkpoint(model, args.checkpoint)
+    model = model.to(device)
+
+    def step(m, batch, alpha):
+        image, text = batch
+        return {'loss_ta': m(image, text)}
+
+    # vision_proj, text_proj and temp receive no gradient: DDP must tolerate unused parameters
+    engine.fit(args, config, model, loader, step, ramp_alpha=False, find_unused_parameters=True,
+               train_sampler=sampler)
+    engine.destroy()
+
+
+def parser():
+    """The common arguments (no evaluation: TA pretraining only trains)."""
+    return engine.base_parser('ALBEF text-assignment pretraining for NLVR2', 'configs/NLVR_pretrain.yaml',
+                              'output/NLVR_pretrain')
+
+
+if __name__ == '__main__':
+    main(parser().parse_args())
