@@ -150,9 +150,13 @@ class ALBEF(MomentumMixin, nn.Module):
                                                tok.pad_token_id, tok.cls_token_id, tok.mask_token_id, labels)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         with torch.no_grad():
-            logits_m = self.text_encoder_m(input_ids, attention_mask=text.attention_mask,
-                                           encoder_hidden_states=image_embeds_m, encoder_attention_mask=image_atts,
-                                           return_dict=True, return_logits=True)
+            hidden_m = self.text_encoder_m.bert(input_ids, attention_mask=text.attention_mask,
+                                                encoder_hidden_states=image_embeds_m, encoder_attention_mask=image_atts,
+                                                return_dict=True).last_hidden_state
+            if self.mlm_softmax_dim == 'vocab':  # soft labels are only read at the masked positions
+                logits_m = self.text_encoder_m.logits_at(hidden_m, labels != -100)
+            else:
+                logits_m = self.text_encoder_m.cls(hidden_m)
         out = self.text_encoder(input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
                                 encoder_attention_mask=image_atts, return_dict=True, labels=labels,
                                 soft_labels=F.softmax(logits_m.float(), dim=-1), alpha=alpha,

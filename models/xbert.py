@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
+from .losses import lm_loss, mlm_loss
+
 SELF_MASK_VALUE = -10000.0   # xbert get_extended_attention_mask
 CROSS_MASK_VALUE = -1e9      # transformers 4.8.1 invert_attention_mask, fp32 branch
 
@@ -366,14 +368,27 @@ class BertForMaskedLM(_BertWithHead):
         out = self.bert(input_ids, attention_mask=attention_mask, encoder_embeds=encoder_embeds,
                         encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                         is_decoder=is_decoder, mode=mode)
-        logits = self.cls(out.last_hidden_state)
-        if return_logits:
-            return logits
-        loss = None
-        if labels is not None:
-            from .losses import mlm_loss
-            loss = mlm_loss(logits, labels, soft_labels, alpha, softmax_dim)
-        return BertOutput_(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
+        hidden = out.last_hidden_state
+        if return_logits or labels is None or softmax_dim != 'vocab':
+            logits = self.cls(hidden)
+            if return_logits:
+                return logits
+            loss = None if labels is None else mlm_loss(logits, labels, soft_labels, alpha, softmax_dim)
+            return BertOutput_(last_hidden_state=hidden, logits=logits, loss=loss)
+        # Only labelled positions enter the loss, so the vocabulary projection runs on those rows alone (the
+        # same numbers as the official full-sequence logits, at a fraction of the cost). `.logits` holds those rows.
+        selected = labels != -100
+        logits = self.cls(hidden[selected])
+        if soft_labels is not None and soft_labels.dim() == 3:
+            soft_labels = soft_labels[selected]
+        loss = mlm_loss(logits, labels[selected], soft_labels, alpha, softmax_dim)
+        if logits.shape[0] == 0:
+            loss = loss + hidden.sum() * 0.0  # keep the graph connected when nothing was masked
+        return BertOutput_(last_hidden_state=hidden, logits=logits, loss=loss)
+
+    def logits_at(self, hidden, positions):
+        """MLM logits of the rows of `hidden` selected by the boolean mask `positions`."""
+        return self.cls(hidden[positions])
 
 
 class BertLMHeadModel(_BertWithHead):
@@ -389,7 +404,6 @@ class BertLMHeadModel(_BertWithHead):
             return logits[:, :-1, :].contiguous()
         loss = None
         if labels is not None:
-            from .losses import lm_loss
             loss = lm_loss(logits[:, :-1, :].contiguous(), labels[:, 1:].contiguous(), reduction, soft_labels, alpha)
         return BertOutput_(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
 
