@@ -137,8 +137,9 @@ def grouped_cross_attention(attn, hidden, image_states, slot, groups, per_group)
     """
     P, L, D = hidden.shape
     heads, d = attn.num_attention_heads, attn.attention_head_size
-    q = hidden.new_zeros(groups * per_group, L, D)
-    q[slot] = attn.query(hidden)
+    query = attn.query(hidden)
+    q = query.new_zeros(groups * per_group, L, D)  # query's dtype: bf16 under autocast
+    q[slot] = query
     q = q.view(groups, per_group * L, heads, d).transpose(1, 2)
     n = image_states.shape[1]
     k = attn.key(image_states).view(groups, n, heads, d).transpose(1, 2)
