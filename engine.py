@@ -184,7 +184,7 @@ def _batch_size(batch):
 def _step_record(epoch, i, loss_dict, optimizer, rate, data_wait, interval, device):
     rec = {'epoch': epoch, 'step': i, 'lr': optimizer.param_groups[0]['lr'], 'samples_per_s': round(rate, 2),
            'data_wait_s': round(data_wait, 3), 'interval_s': round(interval, 3)}
-    rec.update({k: round(float(v), 5) for k, v in loss_dict.items()})
+    rec.update({k: round(v.item(), 5) for k, v in loss_dict.items()})
     if device.type == 'cuda':
         rec['peak_mem_gb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     return rec

@@ -51,6 +51,7 @@ _DATA_KEYS = {
     "test_file": Key(STR_OR_LIST, nullable=True), "image_root": Key(STR), "answer_list": Key(STR),
     "vqa_root": Key(STR), "vg_root": Key(STR), "refcoco_data": Key(STR), "det_file": Key(STR),
     "coco_file": Key(STR), "skip_bad_images": Key(BOOL), "num_workers": Key(INT),
+    "crop_min_scale": Key(NUM, nullable=True),
 }
 _MODEL_KEYS = {
     "bert_config": Key((str, dict)), "vit": Key(MAP), "deit_checkpoint": Key(STR, nullable=True),
@@ -379,8 +380,11 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def get_rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) RNG states, for exact resume."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states, for exact resume; loadable with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -389,7 +393,11 @@ def get_rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what get_rng_state() returned."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                npst["cached_gaussian"])
+    np.random.set_state(npst)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -50,7 +50,7 @@ def _require(config, key: str, task: str):
 
 def _pretrain_splits(config, skip: bool) -> DatasetSplits:
     """Pretraining (and TA pretraining) image-caption pairs."""
-    transform = build_transform("pretrain", config["image_res"])
+    transform = build_transform("pretrain", config["image_res"], config.get("crop_min_scale"))
     train = pretrain_dataset(
         _require(config, "train_file", "pretrain"), transform, config.get("image_root", ""), skip_bad_images=skip
     )
@@ -60,7 +60,7 @@ def _pretrain_splits(config, skip: bool) -> DatasetSplits:
 def _retrieval_splits(config, skip: bool) -> DatasetSplits:
     """COCO / Flickr30K retrieval: caption-level train set, image-level val and test sets."""
     root = _require(config, "image_root", "re")
-    train_tf, test_tf = build_transform("train", config["image_res"]), build_transform("test", config["image_res"])
+    train_tf, test_tf = build_transform("train", config["image_res"], config.get("crop_min_scale")), build_transform("test", config["image_res"])
     return DatasetSplits(
         re_train_dataset(_require(config, "train_file", "re"), train_tf, root, skip_bad_images=skip),
         re_eval_dataset(_require(config, "val_file", "re"), test_tf, root, skip_bad_images=skip),
@@ -72,7 +72,7 @@ def _vqa_splits(config, skip: bool) -> DatasetSplits:
     """VQA v2 + VG-QA training set and the VQA test set with its answer list."""
     vqa_root, vg_root = _require(config, "vqa_root", "vqa"), _require(config, "vg_root", "vqa")
     eos = config.get("eos", "[SEP]")
-    train_tf, test_tf = build_transform("train", config["image_res"]), build_transform("test", config["image_res"])
+    train_tf, test_tf = build_transform("train", config["image_res"], config.get("crop_min_scale")), build_transform("test", config["image_res"])
     train_file, test_file = _require(config, "train_file", "vqa"), _require(config, "test_file", "vqa")
     answer_list = _require(config, "answer_list", "vqa")
     train = vqa_dataset(train_file, train_tf, vqa_root, vg_root, eos=eos, split="train", skip_bad_images=skip)
@@ -85,7 +85,7 @@ def _vqa_splits(config, skip: bool) -> DatasetSplits:
 def _three_split(dataset_class, task: str, config, skip: bool) -> DatasetSplits:
     """NLVR2 / SNLI-VE: train, val and test files under one image_root."""
     root = _require(config, "image_root", task)
-    train_tf, test_tf = build_transform("train", config["image_res"]), build_transform("test", config["image_res"])
+    train_tf, test_tf = build_transform("train", config["image_res"], config.get("crop_min_scale")), build_transform("test", config["image_res"])
     return DatasetSplits(
         dataset_class(_require(config, "train_file", task), train_tf, root, skip_bad_images=skip),
         dataset_class(_require(config, "val_file", task), test_tf, root, skip_bad_images=skip),

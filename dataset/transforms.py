@@ -23,11 +23,16 @@ def _augment_head() -> list:
     return [T.RandomHorizontalFlip(), RandomAugment(2, 7, isPIL=True, augs=DEFAULT_AUGS)]
 
 
-def build_transform(kind: str, image_res: int) -> T.Compose:
-    """Build the `kind` pipeline (pretrain | train | grounding_train | test) at `image_res` pixels."""
+def build_transform(kind: str, image_res: int, crop_min_scale: float | None = None) -> T.Compose:
+    """Build the `kind` pipeline (pretrain | train | grounding_train | test) at `image_res` pixels.
+
+    `crop_min_scale` (config key, default: the official 0.2 / 0.5) lowers the crop strength for small synthetic
+    pictures whose objects a 20% crop would cut away.
+    """
     square = (image_res, image_res)
     if kind in _CROP_SCALE:
-        crop = T.RandomResizedCrop(image_res, scale=_CROP_SCALE[kind], interpolation=InterpolationMode.BICUBIC)
+        scale = _CROP_SCALE[kind] if crop_min_scale is None else (float(crop_min_scale), 1.0)
+        crop = T.RandomResizedCrop(image_res, scale=scale, interpolation=InterpolationMode.BICUBIC)
         return T.Compose([crop, *_augment_head(), *_normalize_tail()])
     if kind == "grounding_train":
         resize = T.Resize(square, interpolation=InterpolationMode.BICUBIC)

@@ -1,0 +1,103 @@
+"""Pretrain.py as a user runs it: one process, resume from checkpoint_last.pth, two processes under torchrun (gloo),
+and a corrupt image stopping the run with its path and index named."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine
+import Pretrain
+from dataset.image_io import ImageLoadError
+from dataset.synthetic import generate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp('world')
+    generate(root, seed=0, scale=0.05)
+    return root
+
+
+def tiny_args(root, out, *extra):
+    """Command-line arguments of a very short CPU run on the small world."""
+    opts = {'train_file': f'[{root}/pretrain.json]', 'image_root': str(root), 'val_file': 'null', 'num_workers': 0,
+            'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 3, 'schedular.epochs': 2, 'log_every': 1}
+    argv = ['--config', CONFIG, '--output_dir', str(out), '--text_encoder', 'none', '--device', 'cpu', '--seed', '3']
+    for key, value in opts.items():
+        argv += ['--opt', f'{key}={value}']
+    return argv + list(extra)
+
+
+def run_pretrain(argv):
+    Pretrain.main(engine.base_parser('test', CONFIG, 'output').parse_args(argv))
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.startswith('{')]
+
+
+def test_resume_continues_the_same_run(world, tmp_path):
+    full = tmp_path / 'full'
+    run_pretrain(tiny_args(world, full))
+    assert sorted(p.name for p in full.glob('checkpoint_*.pth')) == ['checkpoint_00.pth', 'checkpoint_01.pth',
+                                                                    'checkpoint_last.pth']
+    assert not list(full.glob('*.tmp')), 'a temporary checkpoint file was left behind'
+    # an interrupted run: only epoch 0 finished; resume it with the bare --resume flag
+    cut = tmp_path / 'cut'
+    cut.mkdir()
+    shutil.copy(full / 'checkpoint_00.pth', cut / 'checkpoint_last.pth')
+    run_pretrain(tiny_args(world, cut, '--resume'))
+    a = torch.load(full / 'checkpoint_01.pth', weights_only=False)
+    b = torch.load(cut / 'checkpoint_01.pth', weights_only=False)
+    assert a['epoch'] == b['epoch'] == 1
+    assert b['lr_scheduler']['last_t'] == a['lr_scheduler']['last_t']
+    for key, value in a['model'].items():
+        assert torch.allclose(value.float(), b['model'][key].float(), atol=1e-6), key
+    full_log, cut_log = read_log(full / 'log.txt'), read_log(cut / 'log.txt')
+    assert cut_log[-1]['epoch'] == 1
+    assert cut_log[-1]['train_lr'] == pytest.approx(full_log[-1]['train_lr'])
+    assert cut_log[-1]['train_loss_ita'] == pytest.approx(full_log[-1]['train_loss_ita'], abs=1e-5)
+
+
+def test_resume_refuses_a_weights_only_file(world, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    torch.save({'temp': torch.tensor(0.07)}, out / 'weights.pth')
+    from models.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match='not a training checkpoint'):
+        run_pretrain(tiny_args(world, out, '--resume', str(out / 'weights.pth')))
+
+
+def test_corrupt_image_stops_with_path_and_index(world, tmp_path):
+    items = json.load(open(world / 'pretrain.json'))[:8]
+    bad = tmp_path / 'broken.jpg'
+    bad.write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+    items[2] = {'image': str(bad), 'caption': 'a red circle'}
+    ann = tmp_path / 'ann.json'
+    ann.write_text(json.dumps(items))
+    argv = tiny_args(world, tmp_path / 'out', '--opt', f'train_file=[{ann}]', '--opt', 'schedular.epochs=1')
+    with pytest.raises(ImageLoadError) as err:
+        run_pretrain(argv)
+    assert str(bad) in str(err.value) and 'index 2' in str(err.value)
+
+
+def test_two_process_torchrun(world, tmp_path):
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'Pretrain.py',
+           *tiny_args(world, out, '--opt', 'schedular.epochs=1')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / 'checkpoint_last.pth', weights_only=False)
+    steps, world_size, batch = 3, 2, 4
+    assert int(ckpt['model']['queue_ptr']) == steps * world_size * batch
+    log = read_log(out / 'log.txt')
+    assert log[-1]['epoch'] == 0 and log[-1]['train_samples_per_s'] > 0
