@@ -75,7 +75,7 @@ def main(args):
     text_weights = None if (args.checkpoint or args.resume) else args.text_encoder
     model = ALBEF(config=config, text_encoder=text_weights, with_momentum=not args.evaluate)
     if args.checkpoint and args.resume is None:
-        load_retrieval_checkpoint(model, args.checkpoint)
+        load_retrieval_checkpoint(model, args.checkpoint, reset_queues=config['reset_queues_on_finetune'])
     model = model.to(device)
     evaluate = make_evaluate(config, device, test_loader, refer, dets)
 

@@ -42,7 +42,7 @@ def build_model(config, args):
     text_weights = None if (args.checkpoint or args.resume) else args.text_encoder
     model = ALBEF(config=config, text_encoder=text_weights, with_momentum=with_momentum)
     if args.checkpoint and args.resume is None:
-        load_retrieval_checkpoint(model, args.checkpoint)
+        load_retrieval_checkpoint(model, args.checkpoint, reset_queues=config['reset_queues_on_finetune'])
     return model
 
 

@@ -189,20 +189,35 @@ def init_momentum_from_online(model, missing):
     return True
 
 
-def load_retrieval_checkpoint(model, path):
+def check_queue_shapes(sd, model, path):
+    """A clear error when the checkpoint's queues do not fit the model's queue_size / embed_dim."""
+    for key in ('image_queue', 'text_queue'):
+        if key in sd and hasattr(model, key) and sd[key].shape != getattr(model, key).shape:
+            raise CheckpointError(f'{path}: {key} has shape {tuple(sd[key].shape)} but the model expects '
+                                  f'{tuple(getattr(model, key).shape)}; set queue_size to {sd[key].shape[1]}, or '
+                                  f'reset_queues_on_finetune: true to start from fresh queues')
+
+
+def load_retrieval_checkpoint(model, path, reset_queues=False):
     """Load a pretraining, fine-tuned (training checkpoint) or raw released file into a retrieval/grounding model.
 
     Returns (missing, unexpected, dropped) key lists; the official outcome for a pretraining file is
-    missing = [idx_queue] and unexpected = the 14 `*.cls.predictions.*` keys.
+    missing = [idx_queue] and unexpected = the 14 `*.cls.predictions.*` keys. `reset_queues` (config key
+    reset_queues_on_finetune, spec 14 #11) starts from fresh queues instead of the checkpoint's.
     """
     sd, dropped = convert_to_retrieval(load_state_dict_file(path), model)
+    if reset_queues:
+        dropped += [k for k in QUEUE_KEYS if sd.pop(k, None) is not None]
+    check_queue_shapes(sd, model, path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     print(f'load checkpoint from {path}')
     if missing == ['temp'] and not unexpected:
         warnings.warn(f'{path} has no temp; keeping the configured temp {float(model.temp):.4g}')
     print(f'missing keys: {len(missing)} {_abbrev(missing)}; unexpected keys: {len(unexpected)} {_abbrev(unexpected)}'
-          + (f'; {len(dropped)} momentum/queue tensors not used by the inference form' if dropped else ''))
-    init_momentum_from_online(model, missing)
+          + (f'; {len(dropped)} momentum/queue tensors not used' if dropped else ''))
+    if not init_momentum_from_online(model, missing) and reset_queues and getattr(model, 'with_momentum', False):
+        model.reset_queues()
+        print('reset_queues_on_finetune: queues re-initialised (random unit vectors, idx -100, ptr 0)')
     return list(missing), list(unexpected), dropped
 
 

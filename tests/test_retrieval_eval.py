@@ -192,3 +192,18 @@ def test_fine_tune_writes_log_checkpoints_and_metrics(tmp_path):
                   '--output_dir', str(tmp_path / 'ev'))
     assert json.loads((tmp_path / 'ev' / 'metrics.json').read_text())['val'] == \
         json.loads((out / 'metrics.json').read_text())['val']
+
+
+def test_queue_size_change_needs_reset_queues_on_finetune(tmp_path):
+    from models.checkpoint import CheckpointError
+    from tests.parity_utils import model_config
+    conv = load_reference('conversions')
+    torch.save(conv['inputs']['pretrain_checkpoint'], tmp_path / 'pretrain.pth')
+    cfg = dict(model_config(conv['config']['configs']['retrieval']), queue_size=8)
+    model = ALBEF(config=cfg)
+    with pytest.raises(CheckpointError, match='reset_queues_on_finetune'):
+        load_retrieval_checkpoint(model, str(tmp_path / 'pretrain.pth'))
+    missing, _, dropped = load_retrieval_checkpoint(model, str(tmp_path / 'pretrain.pth'), reset_queues=True)
+    assert set(missing) == {'image_queue', 'text_queue', 'idx_queue', 'queue_ptr'}
+    assert model.image_queue.shape == (32, 8) and int(model.queue_ptr) == 0
+    assert torch.allclose(model.image_queue.norm(dim=0), torch.ones(8))
