@@ -16,3 +16,7 @@ fi
 echo "== pretraining the tiny ALBEF on CPU (configs/Pretrain_synthetic.yaml)"
 $PY Pretrain.py --config configs/Pretrain_synthetic.yaml --output_dir "$OUT/pretrain" --text_encoder none \
   --device cpu --seed 42
+
+echo "== VQA: fine-tuning the answer decoder, ranking the answer list, local accuracy (configs/VQA_synthetic.yaml)"
+$PY VQA.py --config configs/VQA_synthetic.yaml --checkpoint "$OUT/pretrain/checkpoint_last.pth" \
+  --output_dir "$OUT/vqa" --device cpu --seed 42
