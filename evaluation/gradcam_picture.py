@@ -118,6 +118,9 @@ def main(argv=None):
     sentence = pre_caption(args.text, 30)
     text = tokenizer([sentence], padding='longest', return_tensors='pt').to(device)
     sentence_map, word_maps = compute_maps(model, image_tensor, text, tokenizer, mode, block_num)
+    if word_maps and not any(np.any(cam) for _, cam in word_maps):
+        print(f'every word map is zero: block {block_num} is the last layer, where only the [CLS] row reaches the ITM '
+              f'head; pass an earlier cross-attention layer with --block_num for per-word maps')
     canvas = gradcam_picture(picture, sentence, sentence_map, word_maps)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     canvas.save(args.out)

@@ -10,6 +10,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from evaluation.refer import SPLITS
 from evaluation.retrieval import text_backbone
 
 ALPHA = 0.5  # area exponent of the official box score
@@ -168,7 +169,7 @@ def predict_box(cam, image_record, proposals, alpha=ALPHA):
 
 
 def grounding_accuracy(results, refer, dets, alpha=ALPHA):
-    """Accuracy per split ('val_d', 'testA_d', 'testB_d': fractions) and the number of no-positive-score fallbacks."""
+    """Accuracy per split present ('val_d', 'testA_d', 'testB_d'; 'train_d' for train refs) and the fallback count."""
     correct, total, fallbacks = Counter(), Counter(), 0
     for res in results:
         ref_id = res['ref_id']
@@ -177,9 +178,9 @@ def grounding_accuracy(results, refer, dets, alpha=ALPHA):
         split = refer.split(ref_id)
         total[split] += 1
         correct[split] += inclusive_iou(refer.box(ref_id), box) >= 0.5
-    metrics = {f'{split}_d': correct[split] / total[split] for split in ('val', 'testA', 'testB') if total[split]}
+    metrics = {f'{split}_d': correct[split] / total[split] for split in SPLITS if total[split]}
     metrics['no_positive_score'] = fallbacks
-    metrics.update({f'n_{split}': total[split] for split in ('val', 'testA', 'testB') if total[split]})
+    metrics.update({f'n_{split}': total[split] for split in SPLITS if total[split]})
     return metrics
 
 
