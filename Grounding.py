@@ -95,9 +95,8 @@ def main(args):
                ramp_alpha=config.get('warm_up', True), train_sampler=sampler)
     best = engine.best_logged_record(args.output_dir, SELECT_KEY)
     if best is not None:
-        write_metrics(args, config, {k: v for k, v in best.items() if not k.startswith('train_') and k != 'epoch'},
-                      best['epoch'],
-                      chance)
+        accuracy = {k: v for k, v in best.items() if not k.startswith('train_') and k != 'epoch'}
+        write_metrics(args, config, accuracy, best['epoch'], chance)
     engine.destroy()
 
 
