@@ -52,6 +52,10 @@ _DATA_KEYS = {
     "vqa_root": Key(STR), "vg_root": Key(STR), "refcoco_data": Key(STR), "det_file": Key(STR),
     "coco_file": Key(STR), "skip_bad_images": Key(BOOL), "num_workers": Key(INT),
     "crop_min_scale": Key(NUM, nullable=True),
+    # WebDataset shards instead of train_file (dataset/shards.py): shard folder/index/tar patterns, samples per
+    # epoch over all ranks (default: the index total) and the shuffle-buffer size
+    "train_shards": Key(STR_OR_LIST, nullable=True), "shard_epoch_samples": Key(INT, nullable=True),
+    "shuffle_buffer": Key(INT),
 }
 _MODEL_KEYS = {
     "bert_config": Key((str, dict)), "vit": Key(MAP), "deit_checkpoint": Key(STR, nullable=True),
@@ -64,6 +68,11 @@ _TRAINING_KEYS = {
     "batch_size": Key(INT), "batch_size_train": Key(INT), "batch_size_test": Key(INT),
     "optimizer": Key(MAP), "schedular": Key(MAP), "seed": Key(INT), "log_every": Key(INT),
     "eval_every": Key(INT), "max_steps_per_epoch": Key(INT, nullable=True), "max_tokens": Key(INT, nullable=True),
+    # robustness (engine.py): step checkpoints every N steps (null/0 = epoch ends only), how many step checkpoints
+    # to keep, how many non-finite-loss steps may be skipped before the run stops (0 = stop at the first), and
+    # per-batch data seeds from (seed, epoch, step) so a mid-epoch resume is exact with DataLoader workers
+    "checkpoint_every_steps": Key(INT, nullable=True), "keep_step_checkpoints": Key(INT),
+    "skip_nonfinite_steps": Key(INT), "data_seed_per_step": Key(BOOL),
 }
 _SPEED_KEYS = {
     "grad_checkpointing": Key(BOOL), "compile": Key(BOOL), "attention": Key(STR, ("sdpa", "explicit")),

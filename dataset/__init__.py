@@ -4,7 +4,7 @@
 
 | task | train | val | test |
 |---|---|---|---|
-| pretrain (also TA) | pretrain_dataset | None | None |
+| pretrain (also TA) | pretrain_dataset (ShardedPretrainDataset when `train_shards` is set) | None | None |
 | re | re_train_dataset | re_eval_dataset | re_eval_dataset |
 | vqa | vqa_dataset(split='train') | None | vqa_dataset(split='test') |
 | nlvr, ve | nlvr_dataset / ve_dataset | same | same |
@@ -18,13 +18,14 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from dataset.collate import TEXT_SETTINGS, TextBatch, TextCollator, VQACollator, build_collate_fn, tokenize
 from dataset.grounding_dataset import grounding_dataset
 from dataset.image_io import ImageLoadError, load_image
 from dataset.nlvr_dataset import nlvr_dataset
+from dataset.shards import ShardedPretrainDataset
 from dataset.text import pre_caption, pre_question
 from dataset.transforms import build_transform
 from dataset.ve_dataset import ve_dataset
@@ -49,8 +50,15 @@ def _require(config, key: str, task: str):
 
 
 def _pretrain_splits(config, skip: bool) -> DatasetSplits:
-    """Pretraining (and TA pretraining) image-caption pairs."""
+    """Pretraining (and TA pretraining) image-caption pairs: WebDataset shards when `train_shards` is set."""
     transform = build_transform("pretrain", config["image_res"], config.get("crop_min_scale"))
+    if config.get("train_shards"):
+        train = ShardedPretrainDataset(
+            config["train_shards"], transform, _require(config, "batch_size", "pretrain"),
+            epoch_samples=config.get("shard_epoch_samples"), shuffle_buffer=config.get("shuffle_buffer", 1000),
+            skip_bad_images=skip,
+        )
+        return DatasetSplits(train, None, None)
     train = pretrain_dataset(
         _require(config, "train_file", "pretrain"), transform, config.get("image_root", ""), skip_bad_images=skip
     )
@@ -142,8 +150,8 @@ def create_sampler(datasets, shuffles, num_tasks: int, global_rank: int, seed: i
         raise ValueError(f"create_sampler: {len(datasets)} datasets but {len(shuffles)} shuffle flags")
     samplers = []
     for dataset, shuffle in zip(datasets, shuffles):
-        if dataset is None:
-            samplers.append(None)
+        if dataset is None or isinstance(dataset, IterableDataset):
+            samplers.append(None)  # an iterable dataset (shards) splits itself over ranks and workers
         elif shuffle or pad_eval:
             samplers.append(
                 DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=shuffle, seed=seed)
@@ -197,6 +205,9 @@ def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collat
         if dataset is None:
             loaders.append(None)
             continue
+        if isinstance(dataset, IterableDataset):
+            loaders.append(_iterable_loader(dataset, workers, collate_fn, seed))
+            continue
         if is_train:
             _check_nonempty(dataset, sampler, size)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -218,11 +229,21 @@ def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collat
     return loaders
 
 
+def _iterable_loader(dataset, workers: int, collate_fn, seed: Optional[int]) -> DataLoader:
+    """Loader over a dataset that yields whole batches (shards); workers restart every epoch to see its position."""
+    # its own generator: making an iterator then leaves the global RNG (and so exact resume) alone
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      collate_fn=collate_fn, worker_init_fn=seed_worker, persistent_workers=False,
+                      generator=generator)
+
+
 __all__ = [
     "TASKS",
     "TEXT_SETTINGS",
     "DatasetSplits",
     "ImageLoadError",
+    "ShardedPretrainDataset",
     "TextBatch",
     "TextCollator",
     "UnpaddedDistributedSampler",

@@ -4,6 +4,7 @@ Nothing here downloads: DeiT, BERT and ALBEF weights come from local paths the u
 """
 import os
 import warnings
+import zipfile
 
 import torch
 
@@ -29,6 +30,27 @@ def load_checkpoint_file(path):
         warnings.warn(f'{path}: loaded with weights_only=False ({type(first).__name__}); only do this for '
                       f'checkpoints you trust')
         return obj
+
+
+def verify_checkpoint_file(path):
+    """Raise CheckpointError unless every member of the (zip-format) checkpoint matches its CRC-32.
+
+    torch.load does not check the sums, so flipped bytes inside a tensor would otherwise load silently. A file that
+    is not a zip at all (e.g. truncated, so its central directory is gone) is left for torch.load to reject.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} does not exist; check the --resume / --checkpoint path')
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f'checkpoint {path} is corrupt ({type(e).__name__}: {e}); resume from an earlier '
+                              f'checkpoint (--resume auto falls back to one by itself)') from e
+    if bad is not None:
+        raise CheckpointError(f'checkpoint {path} is corrupt: {bad} fails its CRC-32 check; resume from an earlier '
+                              f'checkpoint (--resume auto falls back to one by itself)')
 
 
 def unwrap_state_dict(obj, path='<checkpoint>'):
