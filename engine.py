@@ -3,6 +3,11 @@
 Every entry script (Pretrain.py, Retrieval.py, ...) parses its arguments with `base_parser`, calls `setup`,
 builds its datasets and model, and hands `fit` a `step_fn(model, batch, alpha) -> {loss_name: tensor}` plus an
 optional `evaluate_fn(model, epoch) -> {metric: value}`. Everything a second script would copy lives here.
+
+Robustness (docs/README_robustness.md): `TrainingRun` writes epoch checkpoints and, with checkpoint_every_steps,
+step checkpoints that hold everything an uninterrupted run would still have in memory (per-rank RNG states,
+running averages, the position in the epoch); `EpochData` re-creates the data order of a resumed epoch without
+loading the batches already trained on; `--resume auto` takes the newest intact checkpoint.
 """
 import argparse
 import contextlib
@@ -578,7 +583,7 @@ class TrainingRun:
     """
 
     def __init__(self, args, config, model, optimizer, scheduler):
-        """Read the robustness keys of `config` (checkpoint_every_steps, keep_step_checkpoints, skip_nonfinite_steps)."""
+        """Read the robustness keys of `config`: checkpoint_every_steps, keep_step_checkpoints, skip_nonfinite_steps."""
         self.output_dir, self.seed, self.config = args.output_dir, int(args.seed), config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.every = int(config.get('checkpoint_every_steps') or 0)
