@@ -2,6 +2,8 @@
 
 One process:   python Pretrain.py --config configs/Pretrain_synthetic.yaml --output_dir output/pretrain
 Several GPUs:  torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/pretrain
+From shards:   add --opt train_shards=data/shards (written by python -m dataset.make_shards); add
+               --opt checkpoint_every_steps=2000 --resume auto to survive a killed job (docs/README_robustness.md)
 """
 import os
 
