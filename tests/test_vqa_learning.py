@@ -40,11 +40,12 @@ def make_pretrained(base):
 
 @pytest.fixture(scope='module')
 def pretrained(request, tmp_path_factory):
-    """(checkpoint, synthetic root): the shared `tiny_pretrained` fixture where it exists, else made here."""
-    try:
-        return _unpack(request.getfixturevalue('tiny_pretrained'))
-    except pytest.FixtureLookupError:
-        return make_pretrained(tmp_path_factory.mktemp('tiny_pretrained'))
+    """(checkpoint, synthetic root) of the 40-step pretraining on a 0.3-scale world the margin was measured with.
+
+    Not the shared `tiny_pretrained` fixture: from that one (a different world size and schedule) the same
+    fine-tuning budget was seen to settle on answering "yes" everywhere, so the margin is tied to this recipe.
+    """
+    return make_pretrained(tmp_path_factory.mktemp('tiny_pretrained'))
 
 
 def test_synthetic_config_matches_the_pretraining_model():
