@@ -196,18 +196,26 @@ def convert_to_retrieval(sd, model):
     return sd, dropped
 
 
+def has_momentum_models(model):
+    """Whether the task model was built with momentum copies (retrieval: with_momentum; VQA/NLVR/VE: distill)."""
+    return bool(getattr(model, 'with_momentum', getattr(model, 'distill', False)))
+
+
 @torch.no_grad()
-def init_momentum_from_online(model, missing):
-    """Continuing training from a file without momentum weights: copy online -> momentum, fresh queues (spec 8.6)."""
-    if not getattr(model, 'with_momentum', False):
-        return False
+def init_momentum_from_online(model, missing, why='the checkpoint has none'):
+    """A file without momentum weights: copy online -> momentum and, where the model has queues, fresh queues.
+
+    The one rule for every task (spec 8.6); returns whether it copied.
+    """
     momentum_missing = [k for k in missing if is_momentum_key(k)]
-    if not momentum_missing:
+    if not has_momentum_models(model) or not momentum_missing:
         return False
     model.copy_params()
-    model.reset_queues()
-    print(f'the checkpoint has no momentum weights ({len(momentum_missing)} missing): momentum encoders copied '
-          f'from the loaded online weights, queues re-initialised (random unit vectors, idx -100, ptr 0)')
+    queues = hasattr(model, 'image_queue')
+    if queues:
+        model.reset_queues()
+    print(f'momentum weights missing ({len(momentum_missing)} keys, {why}): momentum models copied from the loaded '
+          f'online weights' + (', queues re-initialised (random unit vectors, idx -100, ptr 0)' if queues else ''))
     return True
 
 
@@ -299,11 +307,7 @@ def load_vqa_checkpoint(model, path):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     print(f'load checkpoint from {path}')
     print(f'missing keys: {len(missing)} {_abbrev(missing)}; unexpected keys: {len(unexpected)} {_abbrev(unexpected)}')
-    momentum_missing = [k for k in missing if is_momentum_key(k)]
-    if momentum_missing and getattr(model, 'distill', False):
-        model.copy_params()
-        print(f'the checkpoint has no momentum weights ({len(momentum_missing)} missing): momentum encoders and '
-              f'decoder copied from the loaded online weights')
+    init_momentum_from_online(model, missing)
     return list(missing), list(unexpected)
 
 
@@ -371,15 +375,6 @@ def _source(path_or_sd):
 
 
 @torch.no_grad()
-def _momentum_from_online_if_absent(model, missing, why):
-    """copy_params() when a distill model's momentum weights were not in the file; returns whether it copied."""
-    if not getattr(model, 'distill', False) or not any(is_momentum_key(k) for k in missing):
-        return False
-    model.copy_params()
-    print(f'momentum encoders copied from the loaded online weights ({why})')
-    return True
-
-
 def load_ta_checkpoint(model, path_or_sd):
     """Start text-assignment pretraining from a pretraining file (converted) or a TA file (as is)."""
     sd, path = _source(path_or_sd)
@@ -407,9 +402,9 @@ def load_nlvr_checkpoint(model, path_or_sd, momentum_init='before_load'):
     sd = convert_ta_to_nlvr(sd, model) if from_ta else interpolate_pos_embeds(sd, model)
     missing, unexpected = _load_and_report(model, sd, path)
     if not from_ta:
-        _momentum_from_online_if_absent(model, missing, 'the fine-tuned file has none')
+        init_momentum_from_online(model, missing, 'the fine-tuned file has none')
     elif momentum_init == 'after_load':
-        _momentum_from_online_if_absent(model, missing, 'nlvr_momentum_init: after_load')
+        init_momentum_from_online(model, missing, 'nlvr_momentum_init: after_load')
     return missing, unexpected
 
 
@@ -420,5 +415,5 @@ def load_ve_checkpoint(model, path_or_sd):
     sd = convert_pretrain_to_ve(sd, model) if pretrain else interpolate_pos_embeds(sd, model)
     missing, unexpected = _load_and_report(model, sd, path)
     if not pretrain:
-        _momentum_from_online_if_absent(model, missing, 'the fine-tuned file has none')
+        init_momentum_from_online(model, missing, 'the fine-tuned file has none')
     return missing, unexpected
