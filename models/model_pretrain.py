@@ -24,10 +24,11 @@ def load_text_weights(module, text_encoder):
 
 
 def apply_speed_options(model, config):
-    """Attention implementation, EMA implementation and activation checkpointing from the config."""
+    """Attention and EMA implementation, momentum-teacher mode and activation checkpointing from the config."""
     from .xbert import set_attention_impl, set_grad_checkpointing
     set_attention_impl(model, config.get('attention', 'sdpa'))
     model.ema_impl = config.get('ema', 'reference')
+    model.momentum_eval_mode = bool(config.get('momentum_eval_mode', False))
     model.queue_wraparound = bool(config.get('queue_wraparound', False))
     if config.get('grad_checkpointing', False):
         set_grad_checkpointing(model, True)

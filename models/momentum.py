@@ -27,6 +27,17 @@ class MomentumMixin:
     momentum = 0.995
     ema_impl = 'reference'    # 'reference': per-parameter loop (official); 'foreach': torch._foreach ops
     queue_wraparound = False
+    momentum_eval_mode = False  # official: the teachers follow train() and keep BERT dropout on (spec 14 #10)
+
+    def train(self, mode=True):
+        """nn.Module.train, keeping the momentum modules in eval mode when `momentum_eval_mode` is set."""
+        super().train(mode)
+        if self.momentum_eval_mode:
+            for _, momentum_name in self.model_pairs:
+                module = getattr(self, momentum_name, None)
+                if module is not None:
+                    module.eval()
+        return self
 
     def _pair_params(self):
         for online_name, momentum_name in self.model_pairs:

@@ -161,3 +161,13 @@ def test_constructor_never_downloads_and_names_missing_deit():
     from models.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match='/nonexistent/deit.pth'):
         ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=True)
+
+
+def test_momentum_eval_mode_flag_keeps_teachers_in_eval():
+    official = build_model('pretrain', REF).train()
+    assert official.text_encoder_m.training  # official: teacher dropout stays on
+    flagged = build_model('pretrain', REF)
+    flagged.momentum_eval_mode = True
+    flagged.train()
+    assert flagged.text_encoder.training and not flagged.text_encoder_m.training
+    assert not flagged.visual_encoder_m.training
