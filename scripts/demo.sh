@@ -6,7 +6,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 DATA=data/synthetic
 OUT=${DEMO_OUT:-output/demo}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# one core for the model, the rest for the data workers (more threads only thrash on a 2-core machine)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))}
 
 if [ ! -f "$DATA/manifest.json" ]; then
   echo "== generating the synthetic world under $DATA"
