@@ -11,7 +11,7 @@ import torch
 
 import engine
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler
+from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 from evaluation.retrieval import itc_retrieval
 from models.checkpoint import load_state_dict_file
 from models.model_pretrain import ALBEF
@@ -46,7 +46,7 @@ def main(args):
     world, rank = utils.get_world_size(), utils.get_rank()
     # a sampler even in one process: the data order is then a function of (seed, epoch), so resume is exact
     sampler = create_sampler([train_set], [True], world, rank, seed=args.seed)[0]
-    collate = build_collate_fn('pretrain', tokenizer, train=True)
+    collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))
     loader = create_loader([train_set], [sampler], [config['batch_size']], [config.get('num_workers', 4)], [True],
                            [collate], seed=args.seed + rank)[0]
 

@@ -9,7 +9,7 @@ Several GPUs:  torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLV
 """
 import engine
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler
+from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 from models.checkpoint import load_ta_checkpoint
 from models.model_pretrain_nlvr import ALBEF
 from models.tokenization import build_tokenizer
@@ -25,7 +25,8 @@ def main(args):
     world, rank = utils.get_world_size(), utils.get_rank()
     sampler = create_sampler([train_set], [True], world, rank, args.seed)[0] if args.distributed else None
     loader = create_loader([train_set], [sampler], [config['batch_size']], [config.get('num_workers', 4)], [True],
-                           [build_collate_fn('pretrain', tokenizer, train=True)], seed=args.seed + rank)[0]
+                           [build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))],
+                           seed=args.seed + rank)[0]
 
     # every text weight of the TA model comes from the pretraining checkpoint (layers >= 6 duplicated)
     text_weights = None if (args.checkpoint or args.resume) else args.text_encoder

@@ -10,7 +10,7 @@ import os
 
 import engine
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler
+from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 from evaluation.rerank import evaluate_retrieval
 from evaluation.retrieval import itm_eval
 from models.checkpoint import load_retrieval_checkpoint
@@ -28,7 +28,8 @@ def build_loaders(config, tokenizer, args, splits):
     train = None
     if not args.evaluate:
         train = create_loader([splits.train], [sampler], [config['batch_size_train']], [workers], [True],
-                              [build_collate_fn('re', tokenizer, train=True)], seed=args.seed + rank)[0]
+                              [build_collate_fn('re', tokenizer, train=True, **static_shape_options(config))],
+                              seed=args.seed + rank)[0]
     # every rank encodes the whole evaluation set (official); the re-ranking rows are split across ranks
     val, test = create_loader([splits.val, splits.test], [None, None], [config['batch_size_test']] * 2,
                               [workers] * 2, [False, False], [None, None])

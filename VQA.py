@@ -10,7 +10,7 @@ import os
 
 import engine
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler
+from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 from evaluation.vqa_eval import check_results, dedup_results, ground_truth_answers, predict_answers, score_results
 from models.checkpoint import load_vqa_checkpoint
 from models.model_vqa import ALBEF
@@ -27,8 +27,8 @@ def build_loaders(config, tokenizer, args):
     workers = config.get('num_workers', 4)
     loaders = create_loader([train_set, splits.test], samplers, [config['batch_size_train'], config['batch_size_test']],
                             [workers, workers], [True, False],
-                            [build_collate_fn('vqa', tokenizer, train=True), build_collate_fn('vqa', tokenizer,
-                                                                                           train=False)],
+                            [build_collate_fn('vqa', tokenizer, train=True, **static_shape_options(config)),
+                             build_collate_fn('vqa', tokenizer, train=False)],
                             seed=args.seed + rank)
     return loaders[0], loaders[1], samplers[0]
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import utils
 from dataset.shards import batch_seed, seeded_rngs
+from models.model_pretrain import resolve_speed_mode
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_start, warmup_step
 
@@ -710,7 +711,8 @@ def fit(args, config, model, train_loader, step_fn, *, evaluate_fn=None, select_
     """
     device = device_of(args)
     model_ddp, model = wrap_ddp(model, args, find_unused_parameters)
-    optimizer = create_optimizer(config['optimizer'], model, wd_exempt_extra=config.get('wd_exempt_extra'))
+    optimizer = create_optimizer(config['optimizer'], model, fused=resolve_speed_mode(config)['fused'],
+                                 wd_exempt_extra=config.get('wd_exempt_extra'))
     scheduler = create_scheduler(config['schedular'], optimizer)
     run = TrainingRun(args, config, model, optimizer, scheduler)
     resume_path = resolve_resume(args)

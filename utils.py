@@ -79,6 +79,9 @@ _SPEED_KEYS = {
     "ema": Key(STR, ("reference", "foreach")), "vectorized_negatives": Key(BOOL), "queue_wraparound": Key(BOOL),
     # retrieval evaluation: 'fast' = batched re-ranker with per-image K/V reuse, 'reference' = official loop
     "rerank_method": Key(STR, ("fast", "reference")), "rerank_batch": Key(INT),
+    # one switch for attention/ema/vectorized_negatives/fused AdamW (models.model_pretrain.resolve_speed_mode);
+    # unset keeps each key's own default; an explicitly set individual key always wins
+    "mode": Key(STR, ("reference", "fast"), nullable=True),
 }
 # Spec §14: opt-in alternatives to official quirks. Defaults are the official behaviour and are written into
 # every loaded config so that each run's saved config records them.

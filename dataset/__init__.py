@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
-from dataset.collate import TEXT_SETTINGS, TextBatch, TextCollator, VQACollator, build_collate_fn, tokenize
+from dataset.collate import (TEXT_SETTINGS, TextBatch, TextCollator, VQACollator, build_collate_fn,
+                             static_shape_options, tokenize)
 from dataset.grounding_dataset import grounding_dataset
 from dataset.image_io import ImageLoadError, load_image
 from dataset.nlvr_dataset import nlvr_dataset
@@ -253,6 +254,7 @@ __all__ = [
     "create_dataset",
     "create_loader",
     "create_sampler",
+    "static_shape_options",
     "grounding_dataset",
     "load_image",
     "nlvr_dataset",

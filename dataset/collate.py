@@ -179,6 +179,14 @@ _COLLATE_LAYOUT = {
 COLLATE_TASKS = ("pretrain", "re", "vqa", "nlvr", "ve", "grounding")
 
 
+def static_shape_options(config) -> dict:
+    """build_collate_fn keywords for few text shapes under `compile: true` (spec 16.5); {} otherwise."""
+    if not config.get("compile", False):
+        return {}
+    # truncated call sites become exactly 25 long; the others are bucketed to multiples of 8, never truncated
+    return {"fixed_length": True, "pad_to_multiple_of": 8}
+
+
 def build_collate_fn(
     task: str,
     tokenizer,

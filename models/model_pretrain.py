@@ -23,15 +23,56 @@ def load_text_weights(module, text_encoder):
         load_bert_pretrained(module, text_encoder)
 
 
+# `mode` presets (docs/PERFORMANCE.md). 'fused' None = fused AdamW exactly when every parameter is on CUDA.
+SPEED_MODES = {
+    'reference': {'attention': 'explicit', 'ema': 'reference', 'vectorized_negatives': False, 'fused': False},
+    'fast': {'attention': 'sdpa', 'ema': 'foreach', 'vectorized_negatives': True, 'fused': None},
+}
+# Without `mode`: the per-key defaults this repository always had (SDPA, loop EMA, row-by-row draws, fused on CUDA),
+# so runs and parity tests without the key are unchanged.
+_UNSET_MODE = {'attention': 'sdpa', 'ema': 'reference', 'vectorized_negatives': False, 'fused': None}
+
+
+def resolve_speed_mode(config):
+    """The attention/ema/vectorized_negatives/fused switches: the `mode` preset, overridden by keys set explicitly."""
+    mode = config.get('mode')
+    if mode is not None and mode not in SPEED_MODES:
+        raise ValueError(f"mode must be 'reference' or 'fast', got {mode!r}")
+    options = dict(SPEED_MODES[mode] if mode else _UNSET_MODE)
+    for key in ('attention', 'ema', 'vectorized_negatives'):
+        if config.get(key) is not None:
+            options[key] = config[key]
+    return options
+
+
 def apply_speed_options(model, config):
     """Attention and EMA implementation, momentum-teacher mode and activation checkpointing from the config."""
     from .xbert import set_attention_impl, set_grad_checkpointing
-    set_attention_impl(model, config.get('attention', 'sdpa'))
-    model.ema_impl = config.get('ema', 'reference')
+    options = resolve_speed_mode(config)
+    set_attention_impl(model, options['attention'])
+    model.ema_impl = options['ema']
+    if hasattr(model, 'vectorized_negatives'):
+        model.vectorized_negatives = bool(options['vectorized_negatives'])
     model.momentum_eval_mode = bool(config.get('momentum_eval_mode', False))
     model.queue_wraparound = bool(config.get('queue_wraparound', False))
     if config.get('grad_checkpointing', False):
         set_grad_checkpointing(model, True)
+    if config.get('compile', False):
+        compile_layers(model)
+
+
+def compile_layers(model):
+    """torch.compile every ViT block and BERT layer in place (state-dict keys unchanged); returns how many.
+
+    Layer granularity keeps the EMA update, all-gather/enqueue, queue pointer and multinomial sampling outside the
+    compiled regions (spec 16.5), and the online and momentum copies share compiled code.
+    """
+    from .vit import Block
+    from .xbert import BertLayer
+    layers = [m for m in model.modules() if isinstance(m, (Block, BertLayer))]
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
 
 
 class ALBEF(MomentumMixin, nn.Module):
