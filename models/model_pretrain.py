@@ -131,6 +131,16 @@ class ALBEF(MomentumMixin, nn.Module):
                                      return_dict=True, mode='fusion')
         return out.last_hidden_state[:, 0, :]
 
+    @torch.no_grad()
+    def momentum_keys(self, image, text):
+        """EMA update, then momentum image tokens and features, and the ITC keys [features^T | queue] (spec 5.2.4)."""
+        self._momentum_update()
+        image_embeds_m, image_feat_m = self.encode_image(image, self.visual_encoder_m, self.vision_proj_m)
+        _, text_feat_m = self.encode_text(text, self.text_encoder_m, self.text_proj_m)
+        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+        return image_embeds_m, image_feat_m, text_feat_m, image_feat_all, text_feat_all
+
     def forward(self, image, text, alpha=0):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -138,11 +148,7 @@ class ALBEF(MomentumMixin, nn.Module):
         text_embeds, text_feat = self.encode_text(text, self.text_encoder, self.text_proj)
 
         with torch.no_grad():
-            self._momentum_update()
-            image_embeds_m, image_feat_m = self.encode_image(image, self.visual_encoder_m, self.vision_proj_m)
-            _, text_feat_m = self.encode_text(text, self.text_encoder_m, self.text_proj_m)
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            image_embeds_m, image_feat_m, text_feat_m, image_feat_all, text_feat_all = self.momentum_keys(image, text)
             sim_i2t_m = image_feat_m @ text_feat_all / self.temp
             sim_t2i_m = text_feat_m @ image_feat_all / self.temp
             hard = losses.identity_targets(sim_i2t_m)

@@ -26,6 +26,7 @@ class ALBEF(MomentumMixin, nn.Module):
 
     # Stages that do not depend on the text-encoder wrapper are the pretraining model's, not a second copy.
     encode_image = PretrainALBEF.encode_image
+    momentum_keys = PretrainALBEF.momentum_keys
     itm_forward = PretrainALBEF.itm_forward
 
     def __init__(self, text_encoder=None, tokenizer=None, config=None, with_momentum=True):
@@ -109,11 +110,7 @@ class ALBEF(MomentumMixin, nn.Module):
         text_embeds, text_feat = self.encode_text(text, self.text_encoder, self.text_proj)
 
         with torch.no_grad():
-            self._momentum_update()
-            _, image_feat_m = self.encode_image(image, self.visual_encoder_m, self.vision_proj_m)
-            _, text_feat_m = self.encode_text(text, self.text_encoder_m, self.text_proj_m)
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            _, image_feat_m, text_feat_m, image_feat_all, text_feat_all = self.momentum_keys(image, text)
             sim_i2t_m = image_feat_m @ text_feat_all / self.temp
             sim_t2i_m = text_feat_m @ image_feat_all / self.temp
             targets_i2t, targets_t2i = self.itc_targets(idx, sim_i2t_m, sim_t2i_m, alpha)
