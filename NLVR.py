@@ -7,12 +7,9 @@ Several GPUs:  torchrun --nproc_per_node=8 NLVR.py --config configs/NLVR.yaml --
 Evaluate only: python NLVR.py --config configs/NLVR.yaml --checkpoint output/NLVR/checkpoint_best.pth --evaluate
 The checkpoint with the best dev accuracy is output_dir/checkpoint_best.pth; its test-P accuracy is the reported one.
 """
-import os
-
 import torch
 
 import engine
-import utils
 from evaluation import classification
 from models.checkpoint import load_nlvr_checkpoint
 from models.model_nlvr import ALBEF
@@ -55,19 +52,8 @@ def main(args):
     else:
         engine.fit(args, config, model, loaders.train, classification.make_step(pair_batch), evaluate_fn=evaluate,
                    select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', True), train_sampler=loaders.train_sampler)
-        report_best(args)
+        classification.report_best(args, SELECT_KEY, 'dev', 'test-P')
     engine.destroy()
-
-
-def report_best(args):
-    """Print and save (output_dir/metrics.json) the dev and test-P accuracy of the best-dev epoch."""
-    best = engine.best_logged_record(args.output_dir, SELECT_KEY)
-    if best is None or not utils.is_main_process():
-        return
-    summary = {'best_epoch': best['epoch'], 'dev_acc': best['val_acc'], 'test_acc': best['test_acc'],
-               'checkpoint': args.checkpoint, 'config': args.config}
-    utils.atomic_write_json(summary, os.path.join(args.output_dir, 'metrics.json'))
-    print(f'best dev epoch {best["epoch"]}: dev {100 * best["val_acc"]:.2f}%, test-P {100 * best["test_acc"]:.2f}%')
 
 
 def parser():

@@ -6,10 +6,7 @@ Several GPUs:  torchrun --nproc_per_node=8 VE.py --config configs/VE.yaml --chec
 Evaluate only: python VE.py --config configs/VE.yaml --checkpoint output/VE/checkpoint_best.pth --evaluate
 The checkpoint with the best val accuracy is output_dir/checkpoint_best.pth; its test accuracy is the reported one.
 """
-import os
-
 import engine
-import utils
 from evaluation import classification
 from models.checkpoint import load_ve_checkpoint
 from models.model_ve import ALBEF
@@ -43,19 +40,8 @@ def main(args):
         # SNLI-VE's official config has warm_up: False, so alpha is 0.4 from the first step (spec 14 #21)
         engine.fit(args, config, model, loaders.train, classification.make_step(ve_batch), evaluate_fn=evaluate,
                    select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', False), train_sampler=loaders.train_sampler)
-        report_best(args)
+        classification.report_best(args, SELECT_KEY, 'val', 'test')
     engine.destroy()
-
-
-def report_best(args):
-    """Print and save (output_dir/metrics.json) the val and test accuracy of the best-val epoch."""
-    best = engine.best_logged_record(args.output_dir, SELECT_KEY)
-    if best is None or not utils.is_main_process():
-        return
-    summary = {'best_epoch': best['epoch'], 'val_acc': best['val_acc'], 'test_acc': best['test_acc'],
-               'checkpoint': args.checkpoint, 'config': args.config}
-    utils.atomic_write_json(summary, os.path.join(args.output_dir, 'metrics.json'))
-    print(f'best val epoch {best["epoch"]}: val {100 * best["val_acc"]:.2f}%, test {100 * best["test_acc"]:.2f}%')
 
 
 def parser():

@@ -5,6 +5,7 @@ without padding (`UnpaddedDistributedSampler`); with any torch `DistributedSampl
 duplicates (the local positions i with rank + i * world_size >= len(dataset)) are left out of the count. The
 official code counts those duplicates, so its multi-GPU figure can differ slightly; at one process both agree.
 """
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -101,3 +102,16 @@ def make_evaluate(unpack, loaders, device, autocast=None):
             print(f'{split} accuracy after epoch {epoch}: {100 * result["acc"]:.2f}% of {result["n"]} samples{note}')
         return metrics
     return evaluate
+
+
+def report_best(args, select_key, val_name, test_name):
+    """Print and save (output_dir/metrics.json) the val and test accuracy of the best-val epoch."""
+    import engine  # the training engine sits above evaluation; imported here to keep module import order simple
+    best = engine.best_logged_record(args.output_dir, select_key)
+    if best is None or not utils.is_main_process():
+        return
+    summary = {'best_epoch': best['epoch'], f'{val_name}_acc': best['val_acc'], 'test_acc': best['test_acc'],
+               'checkpoint': args.checkpoint, 'config': args.config}
+    utils.atomic_write_json(summary, os.path.join(args.output_dir, 'metrics.json'))
+    print(f'best {val_name} epoch {best["epoch"]}: {val_name} {100 * best["val_acc"]:.2f}%, '
+          f'{test_name} {100 * best["test_acc"]:.2f}%')
