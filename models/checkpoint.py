@@ -127,7 +127,9 @@ def load_deit(visual_encoder, path):
     """Initialise a ViT from a local DeiT checkpoint (state dict under `model`), interpolating pos_embed."""
     if not path or not os.path.isfile(str(path)):
         raise CheckpointError(f'DeiT checkpoint {path!r} not found; set deit_checkpoint in the config to a local '
-                              f'deit_base_patch16_224-b5f2ef4d.pth, or pass init_deit=False to start from random')
+                              f'deit_base_patch16_224-b5f2ef4d.pth (for the synthetic config: create it with '
+                              f'`python -m dataset.synthetic_deit --root data/synthetic`), or set init_deit: false '
+                              f'to start from random')
     sd = dict(unwrap_state_dict(load_checkpoint_file(path), path))
     sd.pop('head.weight', None)
     sd.pop('head.bias', None)

@@ -60,7 +60,7 @@ fi
 step "bf16 fast-mode smoke run: torchrun Pretrain.py, 1 epoch of 40 steps" 120 \
   $PY -m torch.distributed.run --nproc_per_node=1 --master_port=29517 Pretrain.py \
   --config configs/Pretrain_synthetic.yaml --output_dir "$OUT/smoke" --text_encoder none --precision bf16 \
-  --opt mode=fast --opt schedular.epochs=1 --opt max_steps_per_epoch=40 --opt num_workers=4
+  --opt mode=fast --opt schedular.epochs=1 --opt max_steps_per_epoch=40 --opt num_workers=4 --opt init_deit=false
 step "loss equivalence, fp32, reference vs fast, 100 steps" 90 \
   $PY benchmarks/loss_equivalence.py --device cuda --steps 100 --every 20
 step "pretraining throughput, ViT-B/16 + BERT-base, 256 px, batch 64, bf16" 90 \

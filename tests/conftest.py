@@ -20,9 +20,10 @@ TinyPretrained = collections.namedtuple('TinyPretrained', 'checkpoint root outpu
 
 # The pretraining run of the learning test (tests/test_pretrain_learning.py); the fine-tuning tests start from its
 # checkpoint. configs/Pretrain_synthetic.yaml as the demo runs it, with fewer epochs to fit the CI budget.
-TINY_PRETRAIN_OPTS = {'num_workers': 1, 'log_every': 10, 'max_steps_per_epoch': 30, 'schedular.epochs': 2,
+TINY_PRETRAIN_OPTS = {'num_workers': 1, 'log_every': 10, 'max_steps_per_epoch': 80, 'schedular.epochs': 2,
                       'warmup_step_size': 5}
 TINY_PRETRAIN_THREADS = 1
+SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python -m dataset.synthetic_deit)
 
 
 @pytest.fixture(scope='session')
@@ -35,8 +36,25 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def tiny_pretrained(synthetic_root, tmp_path_factory):
-    """(checkpoint, root, output_dir) of Pretrain.py run on the synthetic world with configs/Pretrain_synthetic.yaml."""
+def synthetic_deit(synthetic_root, tmp_path_factory):
+    """The DeiT stand-in of the synthetic recipe (python -m dataset.synthetic_deit), trained once per session."""
+    from dataset import synthetic_deit
+    path = tmp_path_factory.mktemp('synthetic_deit') / synthetic_deit.DEFAULT_NAME
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TINY_PRETRAIN_THREADS)
+    try:
+        synthetic_deit.main(['--root', str(synthetic_root), '--output', str(path),
+                             '--config', os.path.join(REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'),
+                             '--epochs', str(SYNTHETIC_DEIT_EPOCHS)])
+    finally:
+        torch.set_num_threads(threads)
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
+    """(checkpoint, root, output_dir) of Pretrain.py run on the synthetic world with configs/Pretrain_synthetic.yaml,
+    starting from the synthetic DeiT stand-in as the recipe does."""
     import engine
     import Pretrain
     out = tmp_path_factory.mktemp('tiny_pretrain')
@@ -44,7 +62,7 @@ def tiny_pretrained(synthetic_root, tmp_path_factory):
     argv = ['--config', os.path.join(REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'), '--output_dir', str(out),
             '--text_encoder', 'none', '--device', 'cpu', '--seed', '42',
             '--opt', f'train_file=[{root}/pretrain.json]', '--opt', f'image_root={root}',
-            '--opt', f'val_file={root}/retrieval_test.json']
+            '--opt', f'val_file={root}/retrieval_test.json', '--opt', f'deit_checkpoint={synthetic_deit}']
     for key, value in TINY_PRETRAIN_OPTS.items():
         argv += ['--opt', f'{key}={value}']
     threads = torch.get_num_threads()

@@ -72,7 +72,7 @@ def make_tiny_pretrained(base, steps=PRETRAIN_STEPS, scale=WORLD_SCALE):
     run(Pretrain, ['--config', os.path.join(REPO, 'configs/Pretrain_synthetic.yaml'), '--text_encoder', 'none',
                    '--output_dir', out, '--seed', 0,
                    *opts(train_file=f'[{root}/pretrain.json]', image_root=root, val_file='null', num_workers=0,
-                         max_steps_per_epoch=steps, **{'schedular.epochs': 1})])
+                         max_steps_per_epoch=steps, init_deit='false', **{'schedular.epochs': 1})])
     return PretrainedTiny(str(out / 'checkpoint_last.pth'), str(root))
 
 

@@ -28,7 +28,8 @@ def world(tmp_path_factory):
 def tiny_args(root, out, *extra):
     """Command-line arguments of a very short CPU run on the small world."""
     opts = {'train_file': f'[{root}/pretrain.json]', 'image_root': str(root), 'val_file': 'null', 'num_workers': 0,
-            'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 3, 'schedular.epochs': 2, 'log_every': 1}
+            'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 3, 'schedular.epochs': 2, 'log_every': 1,
+            'init_deit': 'false'}  # mechanics only: a random ViT, no synthetic DeiT needed
     argv = ['--config', CONFIG, '--output_dir', str(out), '--text_encoder', 'none', '--device', 'cpu', '--seed', '3']
     for key, value in opts.items():
         argv += ['--opt', f'{key}={value}']

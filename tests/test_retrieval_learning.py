@@ -53,7 +53,7 @@ def short_pretrained(tmp_path_factory):
     argv = ['--config', os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml'), '--text_encoder', 'none',
             '--device', 'cpu', '--seed', '42', '--output_dir', str(base / 'pretrain'),
             *opts(train_file=f'[{root}/pretrain.json]', image_root=root, val_file='null', num_workers=0,
-                  max_steps_per_epoch=PRETRAIN_STEPS, **{'schedular.epochs': 1})]
+                  max_steps_per_epoch=PRETRAIN_STEPS, init_deit='false', **{'schedular.epochs': 1})]
     Pretrain.main(engine.base_parser('short pretraining', None, None).parse_args(argv))
     return str(base / 'pretrain' / 'checkpoint_last.pth'), str(root)
 

@@ -36,7 +36,7 @@ def pretrain_argv(root, out, **overrides):
     """Arguments of a short CPU pretraining run on the small world (overrides are --opt keys)."""
     opts = {'train_file': f'[{root}/pretrain.json]', 'image_root': str(root), 'val_file': 'null', 'num_workers': 0,
             'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 5, 'schedular.epochs': 2, 'log_every': 1,
-            **overrides}
+            'init_deit': 'false', **overrides}
     argv = ['--config', CONFIG, '--output_dir', str(out), '--text_encoder', 'none', '--device', 'cpu', '--seed', '5']
     for key, value in opts.items():
         argv += ['--opt', f'{key}={value}']

@@ -154,7 +154,8 @@ def test_make_shards_reencodes_smaller_and_skips_missing_images(world, tmp_path)
 def test_pretrain_on_shards_resumes_exactly(world, shards, tmp_path):
     out_dir, _ = shards
     opts = {'train_shards': str(out_dir), 'val_file': 'null', 'num_workers': 2, 'batch_size': 4, 'queue_size': 32,
-            'max_steps_per_epoch': 4, 'schedular.epochs': 2, 'checkpoint_every_steps': 2, 'log_every': 1}
+            'max_steps_per_epoch': 4, 'schedular.epochs': 2, 'checkpoint_every_steps': 2, 'log_every': 1,
+            'init_deit': 'false'}
 
     def run(out, *extra):
         argv = ['--config', CONFIG, '--output_dir', str(out), '--text_encoder', 'none', '--device', 'cpu',

@@ -34,7 +34,7 @@ def make_pretrained(base):
         '--config', os.path.join(utils.REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'), '--output_dir', out,
         '--text_encoder', 'none', '--device', 'cpu', '--seed', '0', '--opt', f'train_file=[{root}/pretrain.json]',
         '--opt', f'image_root={root}', '--opt', 'val_file=null', '--opt', 'num_workers=0',
-        '--opt', 'schedular.epochs=1', '--opt', 'max_steps_per_epoch=40']))
+        '--opt', 'schedular.epochs=1', '--opt', 'max_steps_per_epoch=40', '--opt', 'init_deit=false']))
     return os.path.join(out, 'checkpoint_last.pth'), root
 
 
