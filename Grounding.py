@@ -12,7 +12,7 @@ import os
 
 import engine
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler
+from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 from evaluation.grounding import compute_gradcams, grounding_accuracy, random_proposal_accuracy
 from evaluation.refer import RefCOCO, load_detections
 from models.checkpoint import load_retrieval_checkpoint
@@ -26,14 +26,16 @@ def build_loaders(config, tokenizer, args, splits):
     """Training loader and the val+test loader, split across ranks without padding (every item scored once)."""
     world, rank = utils.get_world_size(), utils.get_rank()
     workers = config.get('num_workers', 4)
+    static = static_shape_options(config)  # text bucketed to multiples of 8 under compile: true (spec 16.5)
     train, sampler = None, None
     if not args.evaluate:
         sampler = create_sampler([splits.train], [True], world, rank)[0] if args.distributed else None
-        train = create_loader([splits.train], [sampler], [config['batch_size']], [workers], [True],
-                              [build_collate_fn('grounding', tokenizer, train=True)], seed=args.seed + rank)[0]
+        collate = build_collate_fn('grounding', tokenizer, train=True, **static)
+        train = create_loader([splits.train], [sampler], [config['batch_size']], [workers], [True], [collate],
+                              seed=args.seed + rank)[0]
     test_sampler = create_sampler([splits.test], [False], world, rank)[0] if args.distributed else None
     test = create_loader([splits.test], [test_sampler], [config['batch_size']], [workers], [False],
-                         [build_collate_fn('grounding', tokenizer, train=False)])[0]
+                         [build_collate_fn('grounding', tokenizer, train=False, **static)])[0]
     return train, sampler, test
 
 

@@ -28,7 +28,7 @@ def build_loaders(config, tokenizer, args):
     loaders = create_loader([train_set, splits.test], samplers, [config['batch_size_train'], config['batch_size_test']],
                             [workers, workers], [True, False],
                             [build_collate_fn('vqa', tokenizer, train=True, **static_shape_options(config)),
-                             build_collate_fn('vqa', tokenizer, train=False)],
+                             build_collate_fn('vqa', tokenizer, train=False, **static_shape_options(config))],
                             seed=args.seed + rank)
     return loaders[0], loaders[1], samplers[0]
 

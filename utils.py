@@ -77,9 +77,11 @@ _TRAINING_KEYS = {
 _SPEED_KEYS = {
     "grad_checkpointing": Key(BOOL), "compile": Key(BOOL), "attention": Key(STR, ("sdpa", "explicit")),
     "ema": Key(STR, ("reference", "foreach")), "vectorized_negatives": Key(BOOL), "queue_wraparound": Key(BOOL),
+    # training: project each fusion layer's image K/V once per step for the ITM and MLM passes (spec 16.6)
+    "kv_reuse": Key(BOOL),
     # retrieval evaluation: 'fast' = batched re-ranker with per-image K/V reuse, 'reference' = official loop
     "rerank_method": Key(STR, ("fast", "reference")), "rerank_batch": Key(INT),
-    # one switch for attention/ema/vectorized_negatives/fused AdamW (models.model_pretrain.resolve_speed_mode);
+    # one switch for attention/ema/vectorized_negatives/kv_reuse/fused AdamW (model_pretrain.resolve_speed_mode);
     # unset keeps each key's own default; an explicitly set individual key always wins
     "mode": Key(STR, ("reference", "fast"), nullable=True),
 }

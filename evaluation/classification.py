@@ -13,7 +13,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler
+from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 
 
 class TaskLoaders(NamedTuple):
@@ -42,8 +42,10 @@ def build_loaders(task, config, tokenizer, distributed, seed, with_train=True):
                 if distributed else [None, None, None])
     train_bs, test_bs = batch_sizes(config)
     workers = config.get('num_workers', 4)
-    collates = [build_collate_fn(task, tokenizer, train=True), build_collate_fn(task, tokenizer, train=False),
-                build_collate_fn(task, tokenizer, train=False)]
+    static = static_shape_options(config)  # text bucketed to multiples of 8 under compile: true (spec 16.5)
+    collates = [build_collate_fn(task, tokenizer, train=True, **static),
+                build_collate_fn(task, tokenizer, train=False, **static),
+                build_collate_fn(task, tokenizer, train=False, **static)]
     datasets = [splits.train if with_train else None, splits.val, splits.test]
     train, val, test = create_loader(datasets, samplers, [train_bs, test_bs, test_bs], workers, [True, False, False],
                                      collates, seed=seed + rank)

@@ -9,7 +9,7 @@ from . import losses
 from .checkpoint import load_bert_pretrained, load_deit
 from .momentum import MomentumMixin
 from .vit import build_vit
-from .xbert import BertForMaskedLM, make_bert_config
+from .xbert import BertForMaskedLM, SharedImageTokens, make_bert_config
 
 
 def build_text_config(config):
@@ -25,12 +25,14 @@ def load_text_weights(module, text_encoder):
 
 # `mode` presets (docs/PERFORMANCE.md). 'fused' None = fused AdamW exactly when every parameter is on CUDA.
 SPEED_MODES = {
-    'reference': {'attention': 'explicit', 'ema': 'reference', 'vectorized_negatives': False, 'fused': False},
-    'fast': {'attention': 'sdpa', 'ema': 'foreach', 'vectorized_negatives': True, 'fused': None},
+    'reference': {'attention': 'explicit', 'ema': 'reference', 'vectorized_negatives': False, 'fused': False,
+                  'kv_reuse': False},
+    'fast': {'attention': 'sdpa', 'ema': 'foreach', 'vectorized_negatives': True, 'fused': None, 'kv_reuse': True},
 }
 # Without `mode`: the per-key defaults this repository always had (SDPA, loop EMA, row-by-row draws, fused on CUDA),
 # so runs and parity tests without the key are unchanged.
-_UNSET_MODE = {'attention': 'sdpa', 'ema': 'reference', 'vectorized_negatives': False, 'fused': None}
+_UNSET_MODE = {'attention': 'sdpa', 'ema': 'reference', 'vectorized_negatives': False, 'fused': None,
+               'kv_reuse': False}
 
 
 def resolve_speed_mode(config):
@@ -39,7 +41,7 @@ def resolve_speed_mode(config):
     if mode is not None and mode not in SPEED_MODES:
         raise ValueError(f"mode must be 'reference' or 'fast', got {mode!r}")
     options = dict(SPEED_MODES[mode] if mode else _UNSET_MODE)
-    for key in ('attention', 'ema', 'vectorized_negatives'):
+    for key in ('attention', 'ema', 'vectorized_negatives', 'kv_reuse'):
         if config.get(key) is not None:
             options[key] = config[key]
     return options
@@ -53,6 +55,8 @@ def apply_speed_options(model, config):
     model.ema_impl = options['ema']
     if hasattr(model, 'vectorized_negatives'):
         model.vectorized_negatives = bool(options['vectorized_negatives'])
+    # compiled layers keep plain tensors as inputs (a cache object would only add guards and graph breaks)
+    model.kv_reuse = bool(options['kv_reuse']) and not config.get('compile', False)
     model.momentum_eval_mode = bool(config.get('momentum_eval_mode', False))
     model.queue_wraparound = bool(config.get('queue_wraparound', False))
     if config.get('grad_checkpointing', False):
@@ -73,6 +77,15 @@ def compile_layers(model):
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
+
+
+def share_image_tokens(model, image_embeds):
+    """`image_embeds` as SharedImageTokens (per-layer cross-attention K/V projected once for the ITM positive, ITM
+    negative and MLM passes, spec 16.6) when the model's `kv_reuse` switch is on; otherwise unchanged."""
+    if not getattr(model, 'kv_reuse', False):
+        return image_embeds
+    bert = getattr(model.text_encoder, 'bert', model.text_encoder)
+    return SharedImageTokens(image_embeds).project(bert)
 
 
 class ALBEF(MomentumMixin, nn.Module):
@@ -160,8 +173,9 @@ class ALBEF(MomentumMixin, nn.Module):
         loss_ita = losses.itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m)
 
-        loss_itm = self.itm_forward(image_embeds, text_embeds, text.attention_mask, sim_i2t, sim_t2i)
-        loss_mlm = self.mlm_forward(text, image_embeds, image_embeds_m, alpha)
+        image_tokens = share_image_tokens(self, image_embeds)
+        loss_itm = self.itm_forward(image_tokens, text_embeds, text.attention_mask, sim_i2t, sim_t2i)
+        loss_mlm = self.mlm_forward(text, image_tokens, image_embeds_m, alpha)
         return loss_mlm, loss_ita, loss_itm
 
     def sample_negatives(self, sim_i2t, sim_t2i, idx=None):
@@ -184,7 +198,10 @@ class ALBEF(MomentumMixin, nn.Module):
         neg_image, neg_text = self.sample_negatives(sim_i2t, sim_t2i, idx)
         text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)
         text_atts_all = torch.cat([text_mask, text_mask[neg_text]], dim=0)
-        image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)
+        if isinstance(image_embeds, SharedImageTokens):  # the same rows, gathered from the shared K/V
+            image_embeds_all = image_embeds.take(torch.cat([neg_image, torch.arange(bs, device=neg_image.device)]))
+        else:
+            image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)
         neg_cls = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
         logits = self.itm_head(torch.cat([pos_cls, neg_cls], dim=0))
         return losses.itm_loss(logits, bs)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import losses
 from .model_pretrain import ALBEF as PretrainALBEF
-from .model_pretrain import apply_speed_options, build_text_config, load_text_weights
+from .model_pretrain import apply_speed_options, build_text_config, load_text_weights, share_image_tokens
 from .momentum import MomentumMixin
 from .vit import build_vit
 from .xbert import BertModel
@@ -120,5 +120,6 @@ class ALBEF(MomentumMixin, nn.Module):
         loss_ita = losses.itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
 
-        loss_itm = self.itm_forward(image_embeds, text_embeds, text.attention_mask, sim_i2t, sim_t2i, idx)
+        loss_itm = self.itm_forward(share_image_tokens(self, image_embeds), text_embeds, text.attention_mask, sim_i2t,
+                                    sim_t2i, idx)
         return loss_ita, loss_itm

@@ -119,8 +119,11 @@ class BertSelfAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         q = self._heads(self.query(hidden_states))
-        k = self._heads(self.key(source))
-        v = self._heads(self.value(source))
+        if isinstance(source, SharedImageTokens):
+            k, v = (self._heads(x) for x in source.key_value(self))
+        else:
+            k = self._heads(self.key(source))
+            v = self._heads(self.value(source))
         capture = self.is_cross_attention and self.save_attention
         if self.use_sdpa and not capture:
             mask = None if attention_mask is None else attention_mask.to(q.dtype)
@@ -137,6 +140,52 @@ class BertSelfAttention(nn.Module):
             context = torch.matmul(self.dropout(probs), v)
         context = context.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
         return context
+
+
+class SharedImageTokens:
+    """Image tokens whose cross-attention keys/values are projected once per layer and reused (spec 16.6).
+
+    Pass it as `encoder_hidden_states`. In a pretraining step the positive ITM pass, the negative pass (whose second
+    half is the same images) and the MLM pass cross-attend to the same image tokens through the same layers, so each
+    layer's K/V is computed once (`project`, before the passes, so activation checkpointing never recomputes a shared
+    tensor) and `take(index)` selects rows of it for another batch order. Gathering K/V rows equals projecting gathered
+    tokens (a row-wise linear map); autograd sums the gradients of all uses into the one projection.
+    """
+
+    def __init__(self, states, index=None, cache=None):
+        self.states = states
+        self.index = index
+        self.cache = {} if cache is None else cache
+
+    @property
+    def shape(self):
+        rows = self.states.shape[0] if self.index is None else self.index.shape[0]
+        return torch.Size((rows, *self.states.shape[1:]))
+
+    @property
+    def device(self):
+        return self.states.device
+
+    def project(self, bert):
+        """Compute K/V of every cross-attention layer of `bert` (a BertModel) now; returns self."""
+        for layer in bert.encoder.layer:
+            if layer.has_cross_attention:
+                attention = layer.crossattention.self
+                self.cache[attention] = (attention.key(self.states), attention.value(self.states))
+        return self
+
+    def take(self, index):
+        """The same tokens in the batch order `index` (LongTensor of row indices), sharing the K/V cache."""
+        return SharedImageTokens(self.states, index if self.index is None else self.index[index], self.cache)
+
+    def key_value(self, attention):
+        """(key, value) [B, N, hidden] of `attention` (a cross-attention BertSelfAttention) for these rows."""
+        if attention not in self.cache:
+            raise KeyError('SharedImageTokens.project(bert) must run before the fusion passes that use it')
+        k, v = self.cache[attention]
+        if self.index is not None:
+            k, v = k[self.index], v[self.index]
+        return k, v
 
 
 class BertSelfOutput(nn.Module):

@@ -224,3 +224,28 @@ def test_seed_worker_seeds_numpy_and_random_from_torch():
     np.random.seed(1234)
     random.seed(1234)
     assert drawn == (np.random.random(), random.random())
+
+
+@pytest.mark.parametrize("task, train, item", [
+    ("nlvr", True, (torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), None, 1)),
+    ("nlvr", False, (torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), None, 0)),
+    ("ve", True, (torch.zeros(3, 2, 2), None, 2)),
+    ("ve", False, (torch.zeros(3, 2, 2), None, 1)),
+    ("grounding", True, (torch.zeros(3, 2, 2), None, 3)),
+    ("grounding", False, (torch.zeros(3, 2, 2), None, 77)),
+    ("vqa", False, (torch.zeros(3, 2, 2), None, 5)),
+])
+def test_compile_buckets_every_untruncated_text_to_multiples_of_8(task, train, item):
+    """Under `compile: true` the NLVR2 / VE / grounding / VQA-eval texts (never truncated officially) are padded to
+    a multiple of 8 with masked [PAD]s: the same tokens, no truncation, few shapes (spec 16.5)."""
+    from dataset import static_shape_options
+    tokenizer = WordTokenizer()
+    pos = item.index(None)
+    batch = [item[:pos] + (text,) + item[pos + 1:] for text in ("a b c", _words(40))]
+    plain = build_collate_fn(task, tokenizer, train=train)(batch)[pos]
+    static = build_collate_fn(task, tokenizer, train=train, **static_shape_options({"compile": True}))(batch)[pos]
+    length = plain.input_ids.shape[1]
+    assert length == 41 and static.input_ids.shape == (2, 48)  # 41 tokens kept, bucketed up
+    assert torch.equal(static.input_ids[:, :length], plain.input_ids)
+    assert torch.equal(static.attention_mask[:, :length], plain.attention_mask)
+    assert static.attention_mask[:, length:].sum() == 0 and (static.input_ids[:, length:] == 0).all()

@@ -17,10 +17,11 @@ REF = load_reference('pretrain')
 
 def test_mode_presets_and_individual_keys_override():
     assert resolve_speed_mode({}) == {'attention': 'sdpa', 'ema': 'reference', 'vectorized_negatives': False,
-                                      'fused': None}
+                                      'fused': None, 'kv_reuse': False}
     assert resolve_speed_mode({'mode': 'reference'}) == SPEED_MODES['reference']
     fast = resolve_speed_mode({'mode': 'fast', 'vectorized_negatives': False, 'attention': 'explicit'})
-    assert fast == {'attention': 'explicit', 'ema': 'foreach', 'vectorized_negatives': False, 'fused': None}
+    assert fast == {'attention': 'explicit', 'ema': 'foreach', 'vectorized_negatives': False, 'fused': None,
+                    'kv_reuse': True}
     with pytest.raises(ValueError):
         resolve_speed_mode({'mode': 'turbo'})
 
@@ -62,6 +63,57 @@ def test_fast_and_reference_mode_losses_and_grads_agree():
                     pa.sub_(0.01 * pa.grad)
                     pb.sub_(0.01 * pb.grad)
                     pa.grad = pb.grad = None
+
+
+def _count_cross_kv_projections(model):
+    """Forward-hook counter of the cross-attention key projections of the online text encoder."""
+    calls = []
+    bert = getattr(model.text_encoder, 'bert', model.text_encoder)
+    for layer in bert.encoder.layer:
+        if layer.has_cross_attention:
+            layer.crossattention.self.key.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize('kind', ['pretrain', 'retrieval'])
+def test_kv_reuse_projects_image_keys_once_and_computes_the_same_step(kind):
+    """Spec 16.6: with kv_reuse each fusion layer projects the image K/V once per step (pretraining: instead of for
+    the positive, negative and MLM passes; retrieval: positive and negative) with the same losses and gradients."""
+    ref = load_reference(kind)
+    plain = build_model(kind, ref, no_dropout=True, kv_reuse=False).train()
+    shared = build_model(kind, ref, no_dropout=True, kv_reuse=True).train()
+    assert (plain.kv_reuse, shared.kv_reuse) == (False, True)
+    calls_plain, calls_shared = _count_cross_kv_projections(plain), _count_cross_kv_projections(shared)
+    i = ref['inputs']
+    n_fusion = sum(layer.has_cross_attention for layer in getattr(plain.text_encoder, 'bert',
+                                                                  plain.text_encoder).encoder.layer)
+    for _ in range(2):
+        outs = []
+        for model in (plain, shared):
+            torch.manual_seed(7)
+            text = text_input(i['input_ids'], i['attention_mask'])
+            if kind == 'pretrain':
+                outs.append(model(i['image'], text, alpha=0.4))
+            else:
+                outs.append(model(i['image'], text, alpha=0.4, idx=i['idx']))
+        for a, b in zip(*outs):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a, b)
+        for out in outs:
+            sum(out).backward()
+        for (name, pa), pb in zip(plain.named_parameters(), shared.parameters()):
+            assert (pa.grad is None) == (pb.grad is None), name
+            if pa.grad is not None:
+                assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-6), name
+        plain.zero_grad()
+        shared.zero_grad()
+    passes = 3 if kind == 'pretrain' else 2
+    assert len(calls_plain) == 2 * passes * n_fusion and len(calls_shared) == 2 * n_fusion
+
+
+def test_kv_reuse_is_off_under_compile_and_by_default():
+    assert not build_model('pretrain', REF).kv_reuse
+    assert not build_model('pretrain', REF, mode='reference').kv_reuse
+    assert build_model('pretrain', REF, mode='fast').kv_reuse
 
 
 def test_fast_mode_with_vectorized_draws_keeps_itc():
