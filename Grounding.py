@@ -18,6 +18,7 @@ from evaluation.refer import RefCOCO, load_detections
 from models.checkpoint import load_retrieval_checkpoint
 from models.model_retrieval import ALBEF
 from models.tokenization import build_tokenizer
+from Retrieval import fit_retrieval_model
 
 SELECT_KEY = 'val_d'
 
@@ -86,16 +87,7 @@ def main(args):
         engine.destroy()
         return
 
-    model.check_queue_divisible(config['batch_size'] * utils.get_world_size())
-
-    def step(m, batch, alpha):
-        image, text, idx = batch
-        loss_ita, loss_itm = m(image, text, alpha=alpha, idx=idx)
-        return {'loss_ita': loss_ita, 'loss_itm': loss_itm}
-
-    engine.fit(args, config, model, train_loader, step, evaluate_fn=evaluate, select_key=SELECT_KEY,
-               ramp_alpha=config.get('warm_up', True), train_sampler=sampler)
-    best = engine.best_logged_record(args.output_dir, SELECT_KEY)
+    best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY, config['batch_size'])
     if best is not None:
         accuracy = {k: v for k, v in best.items() if not k.startswith('train_') and k != 'epoch'}
         write_metrics(args, config, accuracy, best['epoch'], chance)

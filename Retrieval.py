@@ -90,19 +90,26 @@ def main(args):
         engine.destroy()
         return
 
-    model.check_queue_divisible(config['batch_size_train'] * utils.get_world_size())
-
-    def step(m, batch, alpha):
-        image, text, idx = batch
-        loss_ita, loss_itm = m(image, text, alpha=alpha, idx=idx)
-        return {'loss_ita': loss_ita, 'loss_itm': loss_itm}
-
-    engine.fit(args, config, model, train_loader, step, evaluate_fn=evaluate, select_key=SELECT_KEY,
-               ramp_alpha=config.get('warm_up', True), train_sampler=sampler)
-    best = engine.best_logged_record(args.output_dir, SELECT_KEY)
+    best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
+                               config['batch_size_train'])
     if best is not None:
         write_metrics(args, config, best, best['epoch'])
     engine.destroy()
+
+
+def retrieval_step(model, batch, alpha):
+    """One ITC + ITM step of the retrieval model on an (image, text, idx) batch."""
+    image, text, idx = batch
+    loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
+    return {'loss_ita': loss_ita, 'loss_itm': loss_itm}
+
+
+def fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, select_key, batch_size):
+    """Fine-tune the retrieval model (also Grounding.py's) with engine.fit; returns the best logged record or None."""
+    model.check_queue_divisible(batch_size * utils.get_world_size())
+    engine.fit(args, config, model, train_loader, retrieval_step, evaluate_fn=evaluate, select_key=select_key,
+               ramp_alpha=config.get('warm_up', True), train_sampler=sampler)
+    return engine.best_logged_record(args.output_dir, select_key)
 
 
 def parser():

@@ -2,23 +2,16 @@
 
 import random
 
-from dataset.image_io import SkippingDataset, join_root, load_image, read_annotations
+from dataset.image_io import AnnotationDataset, join_root, load_image
 from dataset.text import pre_caption
 
 
-class pretrain_dataset(SkippingDataset):
-    """Pretraining pairs: items {image (absolute or under image_root), caption (string or list)} -> (image, caption)."""
+class pretrain_dataset(AnnotationDataset):
+    """Pretraining pairs: items {image (absolute or under image_root), caption (string or list)} -> (image, caption).
 
-    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
-        """Read the annotation file(s); images are opened lazily in `__getitem__`."""
-        super().__init__(skip_bad_images)
-        self.ann = read_annotations(ann_file, required_keys=("image", "caption"))
-        self.transform = transform
-        self.image_root = image_root
-        self.max_words = max_words
+    Images are opened lazily in `__getitem__`."""
 
-    def __len__(self) -> int:
-        return len(self.ann)
+    REQUIRED_KEYS = ("image", "caption")
 
     def load_item(self, index: int):
         """Return (image tensor, cleaned caption); a caption list is sampled anew on every access."""
@@ -39,20 +32,15 @@ def contiguous_ids(keys) -> dict:
     return ids
 
 
-class re_train_dataset(SkippingDataset):
+class re_train_dataset(AnnotationDataset):
     """Retrieval training: one item per caption {image, caption, image_id} -> (image, caption, idx)."""
+
+    REQUIRED_KEYS = ("image", "caption", "image_id")
 
     def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
         """Read the annotations and number the image ids contiguously by first appearance."""
-        super().__init__(skip_bad_images)
-        self.ann = read_annotations(ann_file, required_keys=("image", "caption", "image_id"))
-        self.transform = transform
-        self.image_root = image_root
-        self.max_words = max_words
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images)
         self.img_ids = contiguous_ids(ann["image_id"] for ann in self.ann)
-
-    def __len__(self) -> int:
-        return len(self.ann)
 
     def load_item(self, index: int):
         """Return (image tensor, cleaned caption, contiguous image index)."""
@@ -62,20 +50,18 @@ class re_train_dataset(SkippingDataset):
         return self.transform(image), caption, self.img_ids[ann["image_id"]]
 
 
-class re_eval_dataset(SkippingDataset):
+class re_eval_dataset(AnnotationDataset):
     """Retrieval evaluation: one item per image {image, caption: list} -> (image, index), plus text maps.
 
     `text` holds every cleaned caption in order, `image` every image path, `img2txt[i]` the text ids of image i
     and `txt2img[t]` the image id of text t.
     """
 
+    REQUIRED_KEYS = ("image", "caption")
+
     def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
         """Read the annotations and build the flattened text list and both ground-truth maps."""
-        super().__init__(skip_bad_images)
-        self.ann = read_annotations(ann_file, required_keys=("image", "caption"))
-        self.transform = transform
-        self.image_root = image_root
-        self.max_words = max_words
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images)
         self.text, self.image, self.txt2img, self.img2txt = [], [], {}, {}
         for img_id, ann in enumerate(self.ann):
             self._add_image(img_id, ann)
@@ -95,9 +81,6 @@ class re_eval_dataset(SkippingDataset):
             self.text.append(pre_caption(caption, self.max_words))
             self.img2txt[img_id].append(txt_id)
             self.txt2img[txt_id] = img_id
-
-    def __len__(self) -> int:
-        return len(self.ann)
 
     def load_item(self, index: int):
         """Return (image tensor, index of the image)."""

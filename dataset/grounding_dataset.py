@@ -3,29 +3,22 @@
 import os
 
 from dataset.caption_dataset import contiguous_ids
-from dataset.image_io import SkippingDataset, join_root, load_image, read_annotations
+from dataset.image_io import AnnotationDataset, join_root, load_image
 from dataset.text import pre_caption
 
 
-class grounding_dataset(SkippingDataset):
+class grounding_dataset(AnnotationDataset):
     """Grounding items: train -> (image, text, idx by image file basename); test -> (image, text, ref_id)."""
 
     def __init__(self, ann_file, transform, image_root="", max_words=30, mode="train", skip_bad_images=False):
         """Read the annotations (val and test files may be given together as a list)."""
-        super().__init__(skip_bad_images)
         if mode not in ("train", "test"):
             raise ValueError(f"grounding_dataset (dataset/grounding_dataset.py): mode is train or test, not {mode!r}")
         required = ("image", "text") + (("ref_id",) if mode == "test" else ())
-        self.ann = read_annotations(ann_file, required_keys=required)
-        self.transform = transform
-        self.image_root = image_root
-        self.max_words = max_words
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images, required_keys=required)
         self.mode = mode
         # All expressions of one image file share an idx, so they are ITC positives of each other.
         self.img_ids = contiguous_ids(os.path.basename(ann["image"]) for ann in self.ann) if mode == "train" else {}
-
-    def __len__(self) -> int:
-        return len(self.ann)
 
     def load_item(self, index: int):
         """Return (image tensor, cleaned expression, idx) in train mode, (image, expression, ref_id) in test."""

@@ -127,3 +127,22 @@ class SkippingDataset(Dataset):
             f"no readable image in the whole dataset ({size} items); check the config's image root "
             f"(image_root / vqa_root / vg_root) and the annotation image paths"
         )
+
+
+class AnnotationDataset(SkippingDataset):
+    """A SkippingDataset over official JSON annotation file(s) (one path or a list): `ann`, `transform`,
+    `image_root`, `max_words`. Subclasses name their REQUIRED_KEYS (checked on every item when the files are read)
+    and implement `load_item`."""
+
+    REQUIRED_KEYS: tuple = ()
+
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False, required_keys=None):
+        super().__init__(skip_bad_images)
+        keys = self.REQUIRED_KEYS if required_keys is None else required_keys
+        self.ann = read_annotations(ann_file, required_keys=keys)
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.ann)

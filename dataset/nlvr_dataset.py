@@ -1,22 +1,14 @@
 """NLVR2 dataset in the official format: {images: [path0, path1], sentence, label: 'True'|'False'}."""
 
-from dataset.image_io import SkippingDataset, join_root, load_image, read_annotations
+from dataset.image_io import AnnotationDataset, join_root, load_image
 from dataset.text import pre_caption
 
 
-class nlvr_dataset(SkippingDataset):
-    """NLVR2 items -> (image0, image1, sentence, label) with label 1 iff the annotation says 'True'."""
+class nlvr_dataset(AnnotationDataset):
+    """NLVR2 items -> (image0, image1, sentence, label) with label 1 iff the annotation says 'True'; both images go
+    through `transform` independently."""
 
-    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
-        """Read the annotations; both images go through `transform` independently."""
-        super().__init__(skip_bad_images)
-        self.ann = read_annotations(ann_file, required_keys=("images", "sentence", "label"))
-        self.transform = transform
-        self.image_root = image_root
-        self.max_words = max_words
-
-    def __len__(self) -> int:
-        return len(self.ann)
+    REQUIRED_KEYS = ("images", "sentence", "label")
 
     def load_item(self, index: int):
         """Return (image0 tensor, image1 tensor, cleaned sentence, label int)."""

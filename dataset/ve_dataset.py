@@ -1,27 +1,22 @@
 """SNLI-VE dataset in the official format: {image: Flickr30k id without extension, sentence, label}."""
 
-from dataset.image_io import SkippingDataset, join_root, load_image, read_annotations
+from dataset.image_io import AnnotationDataset, join_root, load_image
 from dataset.text import pre_caption
 
 VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 
 
-class ve_dataset(SkippingDataset):
+class ve_dataset(AnnotationDataset):
     """SNLI-VE items -> (image, sentence, label) with image at image_root/<id>.jpg and labels 2/1/0."""
+
+    REQUIRED_KEYS = ("image", "sentence", "label")
 
     def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
         """Read the annotations, rejecting unknown labels up front."""
-        super().__init__(skip_bad_images)
-        self.ann = read_annotations(ann_file, required_keys=("image", "sentence", "label"))
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images)
         unknown = sorted({str(ann["label"]) for ann in self.ann} - set(VE_LABELS))
         if unknown:
             raise ValueError(f"SNLI-VE annotations {ann_file} have unknown labels {unknown}; use {list(VE_LABELS)}")
-        self.transform = transform
-        self.image_root = image_root
-        self.max_words = max_words
-
-    def __len__(self) -> int:
-        return len(self.ann)
 
     def load_item(self, index: int):
         """Return (image tensor, cleaned sentence, label int)."""
