@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-GPU check of the speed paths (issue 7), under 10 minutes on an A100/H100: a bf16 `mode: fast` smoke run of
 # Pretrain.py under torchrun on the synthetic world, the loss-equivalence check, then the benchmarks (pretraining
-# at full size, batch 64, 256 px; retrieval re-ranking; data pipeline). Every step has its own time limit and a
-# failing step is recorded and skipped, so the results file is always written.
+# at full size, batch 64, 256 px; retrieval re-ranking; data pipeline; compile) and the bf16-vs-fp32 loss curves. The
+# step limits add up to 10 minutes; a step that fails or runs out of time is recorded and skipped, so the results
+# file is always written.
 #   bash scripts/gpu_check.sh [results file, default output/gpu_check/results.md]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -54,14 +55,14 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 
 if [ ! -f "$DATA/manifest.json" ]; then
-  step "generate the synthetic world" 60 $PY -m dataset.synthetic --root "$DATA"
+  step "generate the synthetic world" 40 $PY -m dataset.synthetic --root "$DATA"
 fi
 
-step "bf16 fast-mode smoke run: torchrun Pretrain.py, 1 epoch of 40 steps" 120 \
+step "bf16 fast-mode smoke run: torchrun Pretrain.py, 1 epoch of 40 steps" 90 \
   $PY -m torch.distributed.run --nproc_per_node=1 --master_port=29517 Pretrain.py \
   --config configs/Pretrain_synthetic.yaml --output_dir "$OUT/smoke" --text_encoder none --precision bf16 \
   --opt mode=fast --opt schedular.epochs=1 --opt max_steps_per_epoch=40 --opt num_workers=4 --opt init_deit=false
-step "loss equivalence, fp32, reference vs fast, 100 steps" 90 \
+step "loss equivalence, fp32, reference vs fast, 100 steps" 60 \
   $PY benchmarks/loss_equivalence.py --device cuda --steps 100 --every 20
 step "pretraining throughput, ViT-B/16 + BERT-base, 256 px, batch 64, bf16" 90 \
   $PY benchmarks/bench_pretrain.py --config configs/Pretrain.yaml --batch 64 --device cuda --precision bf16 \
@@ -71,10 +72,12 @@ step "pretraining throughput, ViT-B/16 + BERT-base, 256 px, batch 64, fp32/TF32"
 step "retrieval re-ranking, 384 px, 200 images x 5 captions, k 64" 60 \
   $PY benchmarks/bench_retrieval_eval.py --config configs/Retrieval_coco.yaml --device cuda --images 200 \
   --captions 5 --k_test 64
-step "data pipeline, 256 px, one worker" 45 $PY benchmarks/bench_data.py --items 500
-step "torch.compile of the encoder layers (fast mode), bf16, batch 64" 120 \
+step "data pipeline, 256 px, one worker" 30 $PY benchmarks/bench_data.py --items 500
+step "torch.compile of the encoder layers (fast mode), bf16, batch 64" 90 \
   $PY benchmarks/bench_pretrain.py --config configs/Pretrain.yaml --batch 64 --device cuda --precision bf16 \
   --steps 10 --warmup 3 --modes fast --compile
+step "bf16 vs fp32 loss curves (spec 16.3), tiny model, batch 32, 1000 steps" 50 \
+  $PY benchmarks/bf16_curves.py --device cuda --batch 32 --steps 1000
 
 { echo; echo "## summary"; echo; } >> "$RESULTS"
 if [ ${#FAILED[@]} -eq 0 ]; then
