@@ -17,7 +17,7 @@ fi
 
 if [ ! -f "$DATA/deit_synthetic.pth" ]; then
   echo "== the DeiT stand-in: supervised attribute classification of the tiny ViT on the training pictures"
-  $PY -m dataset.synthetic_deit --root "$DATA" --config configs/Pretrain_synthetic.yaml
+  $PY Pretrain_synthetic_deit.py --root "$DATA" --config configs/Pretrain_synthetic.yaml
 fi
 
 echo "== pretraining the tiny ALBEF on CPU (configs/Pretrain_synthetic.yaml, ViT initialised from the stand-in)"

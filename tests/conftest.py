@@ -23,7 +23,7 @@ TinyPretrained = collections.namedtuple('TinyPretrained', 'checkpoint root outpu
 TINY_PRETRAIN_OPTS = {'num_workers': 1, 'log_every': 10, 'max_steps_per_epoch': 80, 'schedular.epochs': 2,
                       'warmup_step_size': 5}
 TINY_PRETRAIN_THREADS = 1
-SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python -m dataset.synthetic_deit)
+SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python Pretrain_synthetic_deit.py)
 
 
 @pytest.fixture(scope='session')
@@ -37,15 +37,15 @@ def synthetic_root(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def synthetic_deit(synthetic_root, tmp_path_factory):
-    """The DeiT stand-in of the synthetic recipe (python -m dataset.synthetic_deit), trained once per session."""
-    from dataset import synthetic_deit
-    path = tmp_path_factory.mktemp('synthetic_deit') / synthetic_deit.DEFAULT_NAME
+    """The DeiT stand-in of the synthetic recipe (python Pretrain_synthetic_deit.py), trained once per session."""
+    import Pretrain_synthetic_deit as stand_in
+    path = tmp_path_factory.mktemp('synthetic_deit') / stand_in.DEFAULT_NAME
     threads = torch.get_num_threads()
     torch.set_num_threads(TINY_PRETRAIN_THREADS)
     try:
-        synthetic_deit.main(['--root', str(synthetic_root), '--output', str(path),
-                             '--config', os.path.join(REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'),
-                             '--epochs', str(SYNTHETIC_DEIT_EPOCHS)])
+        stand_in.main(['--root', str(synthetic_root), '--output', str(path),
+                       '--config', os.path.join(REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'),
+                       '--epochs', str(SYNTHETIC_DEIT_EPOCHS)])
     finally:
         torch.set_num_threads(threads)
     return str(path)

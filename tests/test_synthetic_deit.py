@@ -1,4 +1,4 @@
-"""The DeiT stand-in of the synthetic recipe (dataset/synthetic_deit.py): labels, errors, the DeiT file format that
+"""The DeiT stand-in of the synthetic recipe (Pretrain_synthetic_deit.py): labels, errors, the DeiT file format that
 the pretraining model loads, and the property it exists for ([CLS] features that tell pictures apart)."""
 import json
 import os
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import Pretrain_synthetic_deit as stand_in
 import utils
-from dataset import synthetic_deit as stand_in
 from dataset.synthetic import COLOUR_NAMES, KINDS
 from dataset.transforms import build_transform
 from models.checkpoint import CheckpointError, load_deit
@@ -39,7 +39,7 @@ def test_missing_stand_in_names_the_command(synthetic_root, tmp_path):
     from models.model_pretrain import ALBEF
     from tests.parity_utils import StubTokenizer
     config = utils.load_config(CONFIG, [f'deit_checkpoint={tmp_path}/absent.pth'])
-    with pytest.raises(CheckpointError, match='python -m dataset.synthetic_deit'):
+    with pytest.raises(CheckpointError, match='python Pretrain_synthetic_deit.py'):
         ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=True)
 
 

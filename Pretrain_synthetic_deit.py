@@ -12,7 +12,7 @@ Only `train_*` pictures are used, never the val/test pictures of the zero-shot c
 checkpoint, `{'model': ViT state dict + head.weight/head.bias}`, that `models.checkpoint.load_deit` reads like the
 official `deit_base_patch16_224-b5f2ef4d.pth`.
 
-    python -m dataset.synthetic_deit --root data/synthetic [--config configs/Pretrain_synthetic.yaml] [--epochs 4]
+    python Pretrain_synthetic_deit.py --root data/synthetic [--config configs/Pretrain_synthetic.yaml] [--epochs 4]
 """
 from __future__ import annotations
 
@@ -29,13 +29,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import utils
 from dataset.synthetic import COLOUR_NAMES, KINDS
+from dataset.transforms import CLIP_MEAN, CLIP_STD
+from models.vit import build_vit
 
 DEFAULT_NAME = 'deit_synthetic.pth'
 NUM_LABELS = len(COLOUR_NAMES) + len(KINDS) + len(COLOUR_NAMES) * len(KINDS)
-# the normalisation of dataset/transforms.py (the official pretraining/test transforms)
-MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+# the normalisation of the official pretraining/test transforms
+MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
 def attribute_labels(scene: dict) -> torch.Tensor:
@@ -90,7 +93,6 @@ def normalise(batch_uint8: torch.Tensor) -> torch.Tensor:
 def train_vit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3,
               weight_decay: float = 0.05, warmup_epochs: float = 1.0, seed: int = 0, log=print) -> dict:
     """Train the config's ViT plus a linear head on the attribute labels; return the DeiT-format state dict."""
-    from models.vit import build_vit
     torch.manual_seed(seed)
     pictures, labels, _ = load_training_pictures(root, config['image_res'])
     vit = build_vit(config)
@@ -138,7 +140,6 @@ def train_vit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, lr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    import utils
     parser = argparse.ArgumentParser(description='Pretrain the tiny synthetic ViT on attribute labels (the DeiT '
                                                  'stand-in the synthetic ALBEF recipe starts from).')
     parser.add_argument('--root', default='data/synthetic', help='synthetic world folder (python -m dataset.synthetic)')
