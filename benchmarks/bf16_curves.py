@@ -17,15 +17,12 @@ import copy
 import math
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset import create_dataset  # noqa: E402
-from dataset.collate import build_collate_fn  # noqa: E402
-from dataset.synthetic import generate  # noqa: E402
+from benchmarks.loss_equivalence import lockstep_batches  # noqa: E402
 from engine import autocast  # noqa: E402
 from models.model_pretrain import ALBEF, resolve_speed_mode  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
@@ -70,33 +67,18 @@ def main():
     runs = [(m.to(device).train(), create_optimizer(config['optimizer'], m, fused=fused), precision)
             for m, precision in zip(models, ('fp32', 'bf16'))]
     curves = ([], [])
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(tmp, seed=0, scale=0.2)
-        config.update(train_file=[os.path.join(tmp, 'pretrain.json')], image_root=tmp)
-        loader = torch.utils.data.DataLoader(create_dataset('pretrain', config).train, batch_size=args.batch,
-                                             shuffle=True, drop_last=True,
-                                             collate_fn=build_collate_fn('pretrain', tokenizer, train=True),
-                                             generator=torch.Generator().manual_seed(0))
-        step, batches = 0, iter(())
-        while step < args.steps:
-            try:
-                image, text = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                continue
-            image, text = image.to(device), text.to(device)
-            for (model, optimizer, precision), curve in zip(runs, curves):
-                torch.manual_seed(1000 + step)
-                with autocast(device, precision):
-                    out = torch.stack(list(model(image, text, alpha=config['alpha']))).float()
-                optimizer.zero_grad(set_to_none=True)
-                out.sum().backward()
-                optimizer.step()
-                curve.append(out.detach().cpu())
-            step += 1
-            if step % args.window == 0:
-                print(f'step {step}: fp32 ' + ', '.join(f'{n} {v:.4f}' for n, v in zip(NAMES, curves[0][-1])) +
-                      ' | bf16 ' + ', '.join(f'{n} {v:.4f}' for n, v in zip(NAMES, curves[1][-1])), flush=True)
+    for step, image, text in lockstep_batches(config, tokenizer, args.batch, args.steps, device):
+        for (model, optimizer, precision), curve in zip(runs, curves):
+            torch.manual_seed(1000 + step)
+            with autocast(device, precision):
+                out = torch.stack(list(model(image, text, alpha=config['alpha']))).float()
+            optimizer.zero_grad(set_to_none=True)
+            out.sum().backward()
+            optimizer.step()
+            curve.append(out.detach().cpu())
+        if (step + 1) % args.window == 0:
+            print(f'step {step + 1}: fp32 ' + ', '.join(f'{n} {v:.4f}' for n, v in zip(NAMES, curves[0][-1])) +
+                  ' | bf16 ' + ', '.join(f'{n} {v:.4f}' for n, v in zip(NAMES, curves[1][-1])), flush=True)
     rows, ok = window_table(curves, args.window, args.sigmas)
     print('\n| steps | fp32 mlm / ita / itm | bf16 mlm / ita / itm | |difference| in standard errors |')
     print('|---|---|---|---|')

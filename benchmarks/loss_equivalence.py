@@ -40,6 +40,27 @@ from optim import create_optimizer  # noqa: E402
 from utils import load_bert_config, load_config  # noqa: E402
 
 
+def lockstep_batches(config, tokenizer, batch, steps, device):
+    """Yield (step, image, text) for `steps` steps from a 0.2-scale synthetic world in a temporary folder (reshuffled
+    with a fixed generator each pass), for runs that feed several models the same batches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(tmp, seed=0, scale=0.2)
+        config.update(train_file=[os.path.join(tmp, 'pretrain.json')], image_root=tmp)
+        loader = torch.utils.data.DataLoader(create_dataset('pretrain', config).train, batch_size=batch, shuffle=True,
+                                             drop_last=True,
+                                             collate_fn=build_collate_fn('pretrain', tokenizer, train=True),
+                                             generator=torch.Generator().manual_seed(0))
+        if len(loader) == 0:
+            raise ValueError(f'batch {batch} is larger than the synthetic world ({len(loader.dataset)} pairs)')
+        step = 0
+        while step < steps:
+            for image, text in loader:
+                if step == steps:
+                    break
+                yield step, image.to(device), text.to(device)
+                step += 1
+
+
 def build_pair(config, tokenizer, device, vectorized):
     """Reference and fast models with identical weights and queues, and their optimisers."""
     torch.manual_seed(0)
@@ -74,38 +95,24 @@ def main():
     config['queue_size'] = max(args.batch, config['queue_size'] // args.batch * args.batch)
     device = torch.device(args.device)
     tokenizer = build_tokenizer('bert-base-uncased')
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(tmp, seed=0, scale=0.2)
-        config.update(train_file=[os.path.join(tmp, 'pretrain.json')], image_root=tmp)
-        dataset = create_dataset('pretrain', config).train
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                                             collate_fn=build_collate_fn('pretrain', tokenizer, train=True),
-                                             generator=torch.Generator().manual_seed(0))
-        pairs = build_pair(config, tokenizer, device, args.vectorized)
-        worst, step, batches = torch.zeros(3), 0, iter(())
-        print('step | reference (mlm, ita, itm) | fast - reference')
-        while step < args.steps:
-            try:
-                image, text = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                continue
-            image, text = image.to(device), text.to(device)
-            losses = []
-            for model, optimizer in pairs:
-                torch.manual_seed(1000 + step)  # same MLM masks and negative draws in both modes
-                with autocast(device, args.precision):
-                    out = torch.stack(list(model(image, text, alpha=config['alpha']))).float()
-                optimizer.zero_grad(set_to_none=True)
-                out.sum().backward()
-                optimizer.step()
-                losses.append(out.detach().cpu())
-            diff = losses[1] - losses[0]
-            worst = torch.maximum(worst, diff.abs())
-            if step % args.every == 0 or step == args.steps - 1:
-                ref_txt = ', '.join(f'{v:.4f}' for v in losses[0])
-                print(f'{step:4d} | {ref_txt} | ' + ', '.join(f'{v:+.2e}' for v in diff), flush=True)
-            step += 1
+    pairs = build_pair(config, tokenizer, device, args.vectorized)
+    worst = torch.zeros(3)
+    print('step | reference (mlm, ita, itm) | fast - reference')
+    for step, image, text in lockstep_batches(config, tokenizer, args.batch, args.steps, device):
+        losses = []
+        for model, optimizer in pairs:
+            torch.manual_seed(1000 + step)  # same MLM masks and negative draws in both modes
+            with autocast(device, args.precision):
+                out = torch.stack(list(model(image, text, alpha=config['alpha']))).float()
+            optimizer.zero_grad(set_to_none=True)
+            out.sum().backward()
+            optimizer.step()
+            losses.append(out.detach().cpu())
+        diff = losses[1] - losses[0]
+        worst = torch.maximum(worst, diff.abs())
+        if step % args.every == 0 or step == args.steps - 1:
+            ref_txt = ', '.join(f'{v:.4f}' for v in losses[0])
+            print(f'{step:4d} | {ref_txt} | ' + ', '.join(f'{v:+.2e}' for v in diff), flush=True)
     verdict = 'within' if float(worst.max()) <= args.tol else 'OUTSIDE'
     print(f'max |fast - reference| over {args.steps} steps: mlm {worst[0]:.2e}, ita {worst[1]:.2e}, '
           f'itm {worst[2]:.2e} -> {verdict} tolerance {args.tol:g}'
