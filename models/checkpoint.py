@@ -376,6 +376,14 @@ def _source(path_or_sd):
     return dict(load_state_dict_file(path_or_sd)), path_or_sd
 
 
+def load_pretrain_checkpoint(model, path):
+    """Continue pretraining from a pretraining checkpoint's weights (strict; pos_embed resized to this resolution)."""
+    sd = interpolate_pos_embeds(dict(load_state_dict_file(path)), model)
+    model.load_state_dict(sd, strict=True)
+    print(f'load checkpoint from {path}')
+    return [], []
+
+
 @torch.no_grad()
 def load_ta_checkpoint(model, path_or_sd):
     """Start text-assignment pretraining from a pretraining file (converted) or a TA file (as is)."""
