@@ -100,6 +100,10 @@ def _fmt(metrics):
     return ', '.join(f'{k} {metrics[k]:.1f}' for k in ('txt_r1', 'txt_r5', 'img_r1', 'img_r5', 'r_mean'))
 
 
+def parser():
+    """The common arguments (engine.base_parser) with this script's defaults."""
+    return engine.base_parser('ALBEF pretraining', 'configs/Pretrain.yaml', 'output/Pretrain')
+
+
 if __name__ == '__main__':
-    parser = engine.base_parser('ALBEF pretraining', 'configs/Pretrain.yaml', 'output/Pretrain')
-    main(parser.parse_args())
+    main(parser().parse_args())
