@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset import create_dataset  # noqa: E402
 from dataset.collate import build_collate_fn  # noqa: E402
-from dataset.synthetic import generate  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
+from synthetic.world import generate  # noqa: E402
 from utils import load_config  # noqa: E402
 
 

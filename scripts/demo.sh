@@ -12,12 +12,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))
 
 if [ ! -f "$DATA/manifest.json" ]; then
   echo "== generating the synthetic world under $DATA"
-  $PY -m dataset.synthetic --root "$DATA"
+  $PY -m synthetic.world --root "$DATA"
 fi
 
 if [ ! -f "$DATA/deit_synthetic.pth" ]; then
   echo "== the DeiT stand-in: supervised attribute classification of the tiny ViT on the training pictures"
-  $PY Pretrain_synthetic_deit.py --root "$DATA" --config configs/Pretrain_synthetic.yaml
+  $PY -m synthetic.deit --root "$DATA" --config configs/Pretrain_synthetic.yaml
 fi
 
 echo "== pretraining the tiny ALBEF on CPU (configs/Pretrain_synthetic.yaml, ViT initialised from the stand-in)"

@@ -55,7 +55,7 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 
 if [ ! -f "$DATA/manifest.json" ]; then
-  step "generate the synthetic world" 40 $PY -m dataset.synthetic --root "$DATA"
+  step "generate the synthetic world" 40 $PY -m synthetic.world --root "$DATA"
 fi
 
 step "bf16 fast-mode smoke run: torchrun Pretrain.py, 1 epoch of 40 steps" 90 \

@@ -23,13 +23,13 @@ TinyPretrained = collections.namedtuple('TinyPretrained', 'checkpoint root outpu
 TINY_PRETRAIN_OPTS = {'num_workers': 1, 'log_every': 10, 'max_steps_per_epoch': 80, 'schedular.epochs': 2,
                       'warmup_step_size': 5}
 TINY_PRETRAIN_THREADS = 1
-SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python Pretrain_synthetic_deit.py)
+SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python -m synthetic.deit)
 
 
 @pytest.fixture(scope='session')
 def synthetic_root(tmp_path_factory):
     """The synthetic world at its default size (the one `make demo` uses), generated once per test session."""
-    from dataset.synthetic import generate
+    from synthetic.world import generate
     root = tmp_path_factory.mktemp('synthetic')
     generate(root, seed=0, scale=1.0)
     return root
@@ -37,8 +37,8 @@ def synthetic_root(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def synthetic_deit(synthetic_root, tmp_path_factory):
-    """The DeiT stand-in of the synthetic recipe (python Pretrain_synthetic_deit.py), trained once per session."""
-    import Pretrain_synthetic_deit as stand_in
+    """The DeiT stand-in of the synthetic recipe (python -m synthetic.deit), trained once per session."""
+    import synthetic.deit as stand_in
     path = tmp_path_factory.mktemp('synthetic_deit') / stand_in.DEFAULT_NAME
     threads = torch.get_num_threads()
     torch.set_num_threads(TINY_PRETRAIN_THREADS)

@@ -13,7 +13,7 @@ import NLVR
 import Pretrain
 import Pretrain_nlvr
 import VE
-from dataset.synthetic import generate
+from synthetic.world import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PretrainedTiny = collections.namedtuple('PretrainedTiny', 'checkpoint root')

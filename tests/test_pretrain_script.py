@@ -12,7 +12,7 @@ import torch
 import engine
 import Pretrain
 from dataset.image_io import ImageLoadError
-from dataset.synthetic import generate
+from synthetic.world import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')

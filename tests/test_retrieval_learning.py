@@ -18,7 +18,7 @@ import pytest
 import engine
 import Pretrain
 import Retrieval
-from dataset.synthetic import generate
+from synthetic.world import generate
 from utils import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

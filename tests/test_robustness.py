@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 import engine
 import Pretrain
 from dataset import create_loader, create_sampler
-from dataset.synthetic import generate
+from synthetic.world import generate
 from models.checkpoint import CheckpointError
 from utils import ConfigError
 

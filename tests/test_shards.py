@@ -20,7 +20,7 @@ import engine
 import Pretrain
 from dataset import ImageLoadError, ShardedPretrainDataset, build_transform, pre_caption, pretrain_dataset
 from dataset import make_shards
-from dataset.synthetic import generate
+from synthetic.world import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')

@@ -1,4 +1,4 @@
-"""Tests of dataset/synthetic.py: a deterministic world, complete and true to its pictures, in the official formats."""
+"""Tests of synthetic/world.py: a deterministic world, complete and true to its pictures, in the official formats."""
 
 import hashlib
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset.synthetic import generate, inclusive_iou, scaled_counts
+from synthetic.world import generate, inclusive_iou, scaled_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = 0.05
@@ -89,7 +89,7 @@ def test_returned_paths_exist(world):
 
 def test_command_line_writes_identical_bytes(world, tmp_path):
     root_b = tmp_path / "world_b"
-    command = [sys.executable, "-m", "dataset.synthetic", "--root", str(root_b), "--seed", "0", "--scale", str(SCALE)]
+    command = [sys.executable, "-m", "synthetic.world", "--root", str(root_b), "--seed", "0", "--scale", str(SCALE)]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=120)
     digest_a, digest_b = _tree_digest(world["root"]), _tree_digest(root_b)
     assert digest_a == digest_b

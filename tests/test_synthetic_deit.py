@@ -1,4 +1,4 @@
-"""The DeiT stand-in of the synthetic recipe (Pretrain_synthetic_deit.py): labels, errors, the DeiT file format that
+"""The DeiT stand-in of the synthetic recipe (synthetic/deit.py): labels, errors, the DeiT file format that
 the pretraining model loads, and the property it exists for ([CLS] features that tell pictures apart)."""
 import json
 import os
@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import Pretrain_synthetic_deit as stand_in
+import synthetic.deit as stand_in
 import utils
-from dataset.synthetic import COLOUR_NAMES, KINDS
 from dataset.transforms import build_transform
 from models.checkpoint import CheckpointError, load_deit
 from models.vit import build_vit
+from synthetic.world import COLOUR_NAMES, KINDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
@@ -30,7 +30,7 @@ def test_attribute_labels_mark_colours_kinds_and_pairs():
 
 
 def test_missing_world_names_the_file_and_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r'scenes\.json.*python -m dataset\.synthetic'):
+    with pytest.raises(FileNotFoundError, match=r'scenes\.json.*python -m synthetic\.world'):
         stand_in.main(['--root', str(tmp_path), '--config', CONFIG, '--epochs', '1'])
     assert not os.path.exists(tmp_path / stand_in.DEFAULT_NAME)
 
@@ -39,7 +39,7 @@ def test_missing_stand_in_names_the_command(synthetic_root, tmp_path):
     from models.model_pretrain import ALBEF
     from tests.parity_utils import StubTokenizer
     config = utils.load_config(CONFIG, [f'deit_checkpoint={tmp_path}/absent.pth'])
-    with pytest.raises(CheckpointError, match='python Pretrain_synthetic_deit.py'):
+    with pytest.raises(CheckpointError, match=r'python -m synthetic\.deit'):
         ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=True)
 
 

@@ -25,7 +25,7 @@ def _unpack(value):
 
 def make_pretrained(base):
     """A synthetic world and a short Pretrain.py run on it, as the shared `tiny_pretrained` fixture makes them."""
-    from dataset.synthetic import generate
+    from synthetic.world import generate
     import Pretrain
     root = str(base / 'synthetic')
     generate(root, seed=0, scale=0.3)

@@ -12,7 +12,7 @@ Only `train_*` pictures are used, never the val/test pictures of the zero-shot c
 checkpoint, `{'model': ViT state dict + head.weight/head.bias}`, that `models.checkpoint.load_deit` reads like the
 official `deit_base_patch16_224-b5f2ef4d.pth`.
 
-    python Pretrain_synthetic_deit.py --root data/synthetic [--config configs/Pretrain_synthetic.yaml] [--epochs 4]
+    python -m synthetic.deit --root data/synthetic [--config configs/Pretrain_synthetic.yaml] [--epochs 4]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import utils
-from dataset.synthetic import COLOUR_NAMES, KINDS
+from synthetic.world import COLOUR_NAMES, KINDS
 from dataset.transforms import CLIP_MEAN, CLIP_STD
 from models.vit import build_vit
 
@@ -58,7 +58,7 @@ def load_training_pictures(root: str, image_res: int) -> tuple[torch.Tensor, tor
     scenes_path = os.path.join(root, 'scenes.json')
     if not os.path.isfile(scenes_path):
         raise FileNotFoundError(f'{scenes_path} not found: generate the synthetic world first with '
-                                f'`python -m dataset.synthetic --root {root}`')
+                                f'`python -m synthetic.world --root {root}`')
     with open(scenes_path) as f:
         scenes = json.load(f)
     names = sorted(n for n in scenes if n.startswith('train_'))
@@ -72,7 +72,7 @@ def load_training_pictures(root: str, image_res: int) -> tuple[torch.Tensor, tor
                 im = im.convert('RGB').resize((image_res, image_res), Image.BICUBIC)
         except (OSError, ValueError) as e:
             raise OSError(f'cannot read synthetic picture {path} ({e}); regenerate the world with '
-                          f'`python -m dataset.synthetic --root {root}`') from e
+                          f'`python -m synthetic.world --root {root}`') from e
         pictures.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
     labels = torch.stack([attribute_labels(scenes[n]) for n in names])
     return torch.stack(pictures), labels, names
@@ -140,9 +140,10 @@ def train_vit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, lr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    parser = argparse.ArgumentParser(description='Pretrain the tiny synthetic ViT on attribute labels (the DeiT '
+    parser = argparse.ArgumentParser(prog='python -m synthetic.deit',
+                                     description='Pretrain the tiny synthetic ViT on attribute labels (the DeiT '
                                                  'stand-in the synthetic ALBEF recipe starts from).')
-    parser.add_argument('--root', default='data/synthetic', help='synthetic world folder (python -m dataset.synthetic)')
+    parser.add_argument('--root', default='data/synthetic', help='synthetic world folder (python -m synthetic.world)')
     parser.add_argument('--config', default='configs/Pretrain_synthetic.yaml', help='config whose vit/image_res to use')
     parser.add_argument('--output', default=None, help=f'checkpoint to write (default <root>/{DEFAULT_NAME})')
     parser.add_argument('--epochs', type=int, default=4)
