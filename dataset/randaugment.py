@@ -1,8 +1,12 @@
-"""RandomAugment (spec section 11.3): N random ops of magnitude M on HWC uint8 numpy arrays.
+"""RandomAugment: N random ops of magnitude M on HWC uint8 numpy arrays, as the official ALBEF data pipeline.
 
 Randomness comes from numpy's global RNG, which `dataset.seed_worker` seeds in every DataLoader worker. Geometric
 ops follow OpenCV's `warpAffine` conventions (integer pixel centres, forward matrix, bilinear, constant grey fill),
 so magnitudes match the official implementation; bit-exactness is not a goal.
+
+AutoContrast and Sharpness reproduce two arithmetic slips of the official ops by default (the published models
+were trained with them); `fixes=True` (config flag `randaugment_fixes`) selects the intended, clipped ops instead.
+See docs/QUIRKS.md.
 """
 
 import numpy as np
@@ -42,15 +46,24 @@ def identity(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def auto_contrast(img: np.ndarray) -> np.ndarray:
-    """Stretch each channel's [min, max] linearly to [0, 255] (no cutoff); flat channels are unchanged."""
+def auto_contrast(img: np.ndarray, fixes: bool = False) -> np.ndarray:
+    """Per channel: the official ALBEF AutoContrast by default, a plain [min, max] -> [0, 255] stretch with `fixes`.
+
+    Both build a 256-entry table `clip(level * scale + offset, 0, 255)` with scale = 255 / (max - min), truncated to
+    uint8; a flat channel (max == min) keeps the identity table. The intended offset is -min * scale. The official
+    code negates `min` while it is still a uint8 numpy scalar, so for min > 0 the negation wraps (-10 -> 246) and
+    the offset becomes (256 - min) * scale. Since max - min <= 255 - min < 256 - min, that offset alone exceeds 255: a
+    channel whose minimum is above 0 comes out entirely 255, and only a channel whose minimum is 0 is stretched
+    (docs/QUIRKS.md, randaugment_fixes).
+    """
     tables = []
     for channel in range(img.shape[2]):
         low, high = int(img[..., channel].min()), int(img[..., channel].max())
         levels = np.arange(256, dtype=np.float64)
         if high > low:
             scale = 255.0 / (high - low)
-            levels = levels * scale - low * scale
+            negated_low = -low if fixes else (-low) % 256  # uint8 negation wraps modulo 256 in the official op
+            levels = levels * scale + negated_low * scale
         tables.append(_to_uint8(levels))
     return _apply_per_channel_table(img, tables)
 
@@ -81,8 +94,22 @@ def brightness(img: np.ndarray, factor: float) -> np.ndarray:
     return table[img]
 
 
-def sharpness(img: np.ndarray, factor: float) -> np.ndarray:
-    """Blend interior pixels with a 3x3 smoothed copy (centre weight 5, total 13); the 1-pixel border is kept."""
+def _wrap_to_uint8(values: np.ndarray) -> np.ndarray:
+    """numpy's float -> uint8 cast as the official Sharpness relies on: truncate toward zero, keep it modulo 256.
+
+    A direct out-of-range float -> uint8 cast is undefined behaviour in C (numpy's result depends on the platform),
+    so the wrap is spelled out: 311.5 -> 55, -3.24 -> 253.
+    """
+    return (np.trunc(values).astype(np.int64) % 256).astype(np.uint8)
+
+
+def sharpness(img: np.ndarray, factor: float, fixes: bool = False) -> np.ndarray:
+    """Blend interior pixels with a 3x3 smoothed copy (centre weight 5, total 13); the 1-pixel border is kept.
+
+    The blend is computed in float32. The official op casts it back to uint8 without clipping, so values above
+    255 or below 0 wrap around modulo 256; that is the default here. `fixes=True` clips to [0, 255] instead
+    (docs/QUIRKS.md, randaugment_fixes).
+    """
     if img.shape[0] < 3 or img.shape[1] < 3:
         return img
     src = img.astype(np.float32)
@@ -96,7 +123,7 @@ def sharpness(img: np.ndarray, factor: float) -> np.ndarray:
     smooth = np.rint((neighbourhood + 4.0 * centre) / 13.0)
     out = src.copy()
     out[1:-1, 1:-1] = smooth + factor * (centre - smooth)
-    return _to_uint8(out)
+    return _to_uint8(out) if fixes else _wrap_to_uint8(out)
 
 
 def _warp_affine(img: np.ndarray, forward: np.ndarray, fill=FILL) -> np.ndarray:
@@ -170,6 +197,9 @@ OPS = {
     "Rotate": rotate,
 }
 
+# Ops whose official arithmetic slip `fixes=True` corrects (docs/QUIRKS.md, randaugment_fixes).
+FIXABLE_OPS = ("AutoContrast", "Sharpness")
+
 # Largest magnitude of each signed geometric op at level MAX_LEVEL.
 _SIGNED_MAX = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 10.0, "TranslateY": 10.0, "Rotate": 30.0}
 
@@ -187,10 +217,14 @@ def op_arguments(name: str, level: float) -> tuple:
 
 
 class RandomAugment:
-    """Apply N ops drawn with replacement from `augs`, each with probability 0.5, at magnitude level M."""
+    """Apply N ops drawn with replacement from `augs`, each with probability 0.5, at magnitude level M.
 
-    def __init__(self, N: int = 2, M: float = 7, isPIL: bool = True, augs=None):
-        """Keep the official argument names; `augs=None` means the ten ops of spec section 11.3."""
+    `fixes` (config flag `randaugment_fixes`, default False) switches AutoContrast and Sharpness from the official
+    arithmetic to the intended clipped ops (docs/QUIRKS.md); the random draws are the same either way.
+    """
+
+    def __init__(self, N: int = 2, M: float = 7, isPIL: bool = True, augs=None, fixes: bool = False):
+        """Keep the official argument names; `augs=None` means the ten official ops (DEFAULT_AUGS)."""
         names = tuple(augs) if augs else DEFAULT_AUGS
         unknown = [name for name in names if name not in OPS]
         if unknown:
@@ -199,6 +233,7 @@ class RandomAugment:
         self.M = M
         self.isPIL = isPIL
         self.augs = names
+        self.fixes = bool(fixes)
 
     def __call__(self, img):
         """Augment a PIL image or HWC uint8 array; returns an HWC uint8 array (ToTensor accepts it)."""
@@ -213,8 +248,9 @@ class RandomAugment:
             if np.random.random() > 0.5:
                 continue
             name = self.augs[op_index]
-            array = OPS[name](array, *op_arguments(name, self.M))
+            extra = {"fixes": self.fixes} if name in FIXABLE_OPS else {}
+            array = OPS[name](array, *op_arguments(name, self.M), **extra)
         return np.ascontiguousarray(array)
 
     def __repr__(self) -> str:
-        return f"RandomAugment(N={self.N}, M={self.M}, augs={list(self.augs)})"
+        return f"RandomAugment(N={self.N}, M={self.M}, augs={list(self.augs)}, fixes={self.fixes})"

@@ -1,4 +1,4 @@
-"""Image transforms of spec section 11.2 (CLIP normalisation, bicubic resampling, RandomAugment(2, 7))."""
+"""Image transforms of the official ALBEF pipelines (CLIP normalisation, bicubic resampling, RandomAugment(2, 7))."""
 
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -18,25 +18,29 @@ def _normalize_tail() -> list:
     return [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
 
 
-def _augment_head() -> list:
+def _augment_head(randaugment_fixes: bool) -> list:
     """Horizontal flip and RandomAugment(2, 7), shared by every training pipeline."""
-    return [T.RandomHorizontalFlip(), RandomAugment(2, 7, isPIL=True, augs=DEFAULT_AUGS)]
+    return [T.RandomHorizontalFlip(), RandomAugment(2, 7, isPIL=True, augs=DEFAULT_AUGS, fixes=randaugment_fixes)]
 
 
-def build_transform(kind: str, image_res: int, crop_min_scale: float | None = None) -> T.Compose:
+def build_transform(
+    kind: str, image_res: int, crop_min_scale: float | None = None, randaugment_fixes: bool = False
+) -> T.Compose:
     """Build the `kind` pipeline (pretrain | train | grounding_train | test) at `image_res` pixels.
 
     `crop_min_scale` (config key, default: the official 0.2 / 0.5) lowers the crop strength for small synthetic
-    pictures whose objects a 20% crop would cut away.
+    pictures whose objects a 20% crop would cut away. `randaugment_fixes` (config flag, default False: the official
+    AutoContrast and Sharpness arithmetic) selects the intended clipped ops; see docs/QUIRKS.md. The test pipeline
+    has no RandomAugment and ignores it.
     """
     square = (image_res, image_res)
     if kind in _CROP_SCALE:
         scale = _CROP_SCALE[kind] if crop_min_scale is None else (float(crop_min_scale), 1.0)
         crop = T.RandomResizedCrop(image_res, scale=scale, interpolation=InterpolationMode.BICUBIC)
-        return T.Compose([crop, *_augment_head(), *_normalize_tail()])
+        return T.Compose([crop, *_augment_head(randaugment_fixes), *_normalize_tail()])
     if kind == "grounding_train":
         resize = T.Resize(square, interpolation=InterpolationMode.BICUBIC)
-        return T.Compose([resize, *_augment_head(), *_normalize_tail()])
+        return T.Compose([resize, *_augment_head(randaugment_fixes), *_normalize_tail()])
     if kind == "test":
         # Squashes to a square without keeping the aspect ratio, as the official test transform does.
         return T.Compose([T.Resize(square, interpolation=InterpolationMode.BICUBIC), *_normalize_tail()])

@@ -1,4 +1,4 @@
-"""RandomAugment (spec 11.3): op semantics, magnitudes, probabilities and seeding."""
+"""RandomAugment: op semantics, the official AutoContrast / Sharpness quirks (docs/QUIRKS.md), magnitudes, seeding."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from PIL import Image, ImageOps
 
 from dataset import randaugment as ra
 from dataset.randaugment import OPS, RandomAugment, op_arguments
+from dataset.transforms import build_transform
 
 torch.set_num_threads(1)
 
@@ -40,20 +41,61 @@ def test_brightness_multiplies_and_clips():
     assert ra.brightness(img, 1.36).tolist() == [[[0, 136, 255]]]
 
 
-def test_auto_contrast_stretches_each_channel_to_full_range():
+def test_auto_contrast_fixed_stretches_each_channel_to_full_range():
     img = np.zeros((1, 3, 3), dtype=np.uint8)
     img[0, :, 0] = [50, 60, 101]
     img[0, :, 1] = [0, 10, 255]
     img[0, :, 2] = [7, 7, 7]
-    out = ra.auto_contrast(img)
+    out = ra.auto_contrast(img, fixes=True)
     assert out[0, :, 0].tolist() == [0, 50, 255]
     assert out[0, :, 1].tolist() == [0, 10, 255]
     assert out[0, :, 2].tolist() == [7, 7, 7]
 
 
+def _auto_contrast_example():
+    img = np.zeros((1, 3, 3), dtype=np.uint8)
+    img[0, :, 0] = [10, 61, 112]  # minimum 10
+    img[0, :, 1] = [0, 11, 170]  # minimum 0
+    img[0, :, 2] = [7, 7, 7]  # flat
+    return img
+
+
+def test_auto_contrast_official_saturates_channels_whose_minimum_is_above_zero():
+    out = ra.auto_contrast(_auto_contrast_example())
+    # scale = 255 / 102 = 2.5; -10 wraps to 246 as uint8, offset = 246 * 2.5 = 615 > 255 for every level.
+    assert out[0, :, 0].tolist() == [255, 255, 255]
+    # minimum 0: scale = 255 / 170 = 1.5, offset 0: 0, 16.5 -> 16, 255.
+    assert out[0, :, 1].tolist() == [0, 16, 255]
+    assert out[0, :, 2].tolist() == [7, 7, 7]
+    assert out.dtype == np.uint8
+
+
+def test_auto_contrast_fixed_on_the_same_example():
+    out = ra.auto_contrast(_auto_contrast_example(), fixes=True)
+    # scale 2.5, offset -25: 0, 127.5 -> 127, 255.
+    assert out[0, :, 0].tolist() == [0, 127, 255]
+    assert out[0, :, 1].tolist() == [0, 16, 255]
+    assert out[0, :, 2].tolist() == [7, 7, 7]
+
+
+@pytest.mark.parametrize("low", [1, 2, 40, 128, 200, 254])
+def test_auto_contrast_official_rule_any_positive_minimum_gives_all_255(low):
+    channel = np.arange(low, 256, dtype=np.uint8)
+    img = np.stack([channel, channel, np.full_like(channel, low)], axis=-1)[None]
+    out = ra.auto_contrast(img)
+    assert (out[..., :2] == 255).all()
+    assert (out[..., 2] == low).all()  # flat channel: identity table
+
+
+def test_auto_contrast_official_equals_fixed_when_every_minimum_is_zero():
+    img = _random_image(seed=5)
+    img[0, 0] = 0
+    assert np.array_equal(ra.auto_contrast(img), ra.auto_contrast(img, fixes=True))
+
+
 def test_auto_contrast_and_equalize_match_pil():
     img = (_random_image(seed=3) // 3 + 40).astype(np.uint8)
-    assert np.array_equal(ra.auto_contrast(img), np.asarray(ImageOps.autocontrast(Image.fromarray(img))))
+    assert np.array_equal(ra.auto_contrast(img, fixes=True), np.asarray(ImageOps.autocontrast(Image.fromarray(img))))
     assert np.array_equal(ra.equalize(img), np.asarray(ImageOps.equalize(Image.fromarray(img))))
 
 
@@ -94,12 +136,66 @@ def test_sharpness_blends_interior_only():
     img = np.zeros((5, 5, 3), dtype=np.uint8)
     img[2, 2] = 100
     img[0, 0] = 90
+    for fixes in (False, True):
+        out = ra.sharpness(img, 1.36, fixes=fixes)
+        # smooth centre = round(500 / 13) = 38; 38 + 1.36 * (100 - 38) = 122.32, in range so both agree
+        assert out[2, 2].tolist() == [122, 122, 122]
+        assert out[0, 0].tolist() == [90, 90, 90]
+        flat = np.full((6, 6, 3), 77, dtype=np.uint8)
+        assert np.array_equal(ra.sharpness(flat, 1.36, fixes=fixes), flat)
+
+
+def _three_by_three(centre, ring):
+    img = np.full((3, 3, 3), ring, dtype=np.uint8)
+    img[1, 1] = centre
+    return img
+
+
+def test_sharpness_official_wraps_values_above_255():
+    img = _three_by_three(255, 0)
+    # smooth = round(5 * 255 / 13) = round(98.08) = 98; 98 + 1.36 * (255 - 98) = 311.52 -> 311 -> 311 - 256 = 55
     out = ra.sharpness(img, 1.36)
-    # smooth centre = round(500 / 13) = 38; 38 + 1.36 * (100 - 38) = 122.32
-    assert out[2, 2].tolist() == [122, 122, 122]
-    assert out[0, 0].tolist() == [90, 90, 90]
-    flat = np.full((6, 6, 3), 77, dtype=np.uint8)
-    assert np.array_equal(ra.sharpness(flat, 1.36), flat)
+    assert out[1, 1].tolist() == [55, 55, 55]
+    assert (out[0] == 0).all() and (out[:, 0] == 0).all()
+    assert ra.sharpness(img, 1.36, fixes=True)[1, 1].tolist() == [255, 255, 255]
+
+
+def test_sharpness_official_wraps_values_below_0():
+    img = _three_by_three(0, 15)
+    # smooth = round(8 * 15 / 13) = round(9.23) = 9; 9 + 1.36 * (0 - 9) = -3.24 -> -3 (toward zero) -> 253
+    out = ra.sharpness(img, 1.36)
+    assert out[1, 1].tolist() == [253, 253, 253]
+    assert (out[0] == 15).all()
+    assert ra.sharpness(img, 1.36, fixes=True)[1, 1].tolist() == [0, 0, 0]
+
+
+def test_wrap_to_uint8_truncates_toward_zero_then_wraps():
+    values = np.array([311.52, 256.0, 255.9, 0.7, -0.7, -3.24, -56.52, 511.9], dtype=np.float32)
+    assert ra._wrap_to_uint8(values).tolist() == [55, 0, 255, 0, 0, 253, 200, 255]
+
+
+def _first_applied(augment, img):
+    """Output of `augment` (N=1, one op) under the first numpy seed whose 50% draw applies the op."""
+    for seed in range(20):
+        np.random.seed(seed)
+        np.random.choice(1, 1)
+        if np.random.random() <= 0.5:
+            np.random.seed(seed)
+            return augment(img)
+    raise AssertionError("no seed in range(20) applies the op")
+
+
+def test_random_augment_flag_reaches_both_ops():
+    assert RandomAugment(2, 7).fixes is False
+    assert "fixes=True" in repr(RandomAugment(2, 7, fixes=True))
+    contrast = _auto_contrast_example()
+    official = _first_applied(RandomAugment(1, 7, isPIL=False, augs=["AutoContrast"]), contrast)
+    fixed = _first_applied(RandomAugment(1, 7, isPIL=False, augs=["AutoContrast"], fixes=True), contrast)
+    assert official[0, :, 0].tolist() == [255, 255, 255] and fixed[0, :, 0].tolist() == [0, 127, 255]
+    sharp = _three_by_three(255, 0)
+    official = _first_applied(RandomAugment(1, 7, isPIL=False, augs=["Sharpness"]), sharp)
+    fixed = _first_applied(RandomAugment(1, 7, isPIL=False, augs=["Sharpness"], fixes=True), sharp)
+    assert official[1, 1, 0] == 55 and fixed[1, 1, 0] == 255
 
 
 def test_random_augment_is_deterministic_under_numpy_seed():
@@ -127,3 +223,12 @@ def test_two_ops_each_applied_with_probability_half():
 def test_unknown_op_is_rejected():
     with pytest.raises(ValueError, match="Solarize"):
         RandomAugment(2, 7, augs=["Solarize"])
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "train", "grounding_train"])
+def test_build_transform_threads_randaugment_fixes(kind):
+    # Default: the official AutoContrast / Sharpness arithmetic (docs/QUIRKS.md).
+    assert build_transform(kind, 32).transforms[2].fixes is False
+    assert build_transform(kind, 32, randaugment_fixes=True).transforms[2].fixes is True
+    assert build_transform(kind, 32, None, True).transforms[2].fixes is True
+
