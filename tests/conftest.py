@@ -1,21 +1,95 @@
-"""Shared pytest set-up: one CPU thread (the machine has two cores) and the repo root importable."""
+"""Shared pytest set-up: one CPU thread (the machine has two cores), the repo root importable, the kind of every test
+(the markers of pytest.ini), and the synthetic world and tiny pretrained model the learning tests share."""
+import collections
 import os
 import sys
 
+import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from tests.helpers import make_deit, make_world, run_pretrain  # noqa: E402
+
 torch.set_num_threads(1)
 
 
+# ---- the kind of every test: `make test-fast` runs -m "unit or parity", `make test` everything --------------------
+# parity: compares with the official tensors of tests/fixtures/parity; learning: trains on the synthetic world and
+# asserts a measured margin (minutes); e2e: an entry script, a subprocess, torchrun or a pipeline of several seconds;
+# unit: fast and self-contained. A file holding tests of another kind than its own marks those tests itself
+# (@pytest.mark.e2e, ...); a new test file must be added here.
+KINDS = ('unit', 'parity', 'e2e', 'learning')
+KIND_OF_FILE = {
+    'test_bf16_curves.py': 'unit',
+    'test_configs.py': 'unit',
+    'test_data_datasets.py': 'unit',
+    'test_data_image_io.py': 'unit',
+    'test_data_loader.py': 'unit',
+    'test_data_randaugment.py': 'unit',
+    'test_data_text.py': 'unit',
+    'test_data_transforms.py': 'unit',
+    'test_distributed.py': 'e2e',
+    'test_entry_contract.py': 'e2e',
+    'test_grounding_eval.py': 'unit',
+    'test_grounding_learning.py': 'learning',
+    'test_grounding_parity.py': 'parity',
+    'test_grounding_picture.py': 'unit',
+    'test_model_pretrain.py': 'unit',
+    'test_nlvr_conversions.py': 'parity',
+    'test_nlvr_parity.py': 'parity',
+    'test_nlvr_ve_learning.py': 'learning',
+    'test_optim.py': 'unit',
+    'test_parity_pretrain.py': 'parity',
+    'test_pretrain_learning.py': 'learning',
+    'test_pretrain_script.py': 'e2e',
+    'test_retrieval_eval.py': 'unit',
+    'test_retrieval_learning.py': 'learning',
+    'test_retrieval_parity.py': 'parity',
+    'test_robustness.py': 'e2e',
+    'test_scheduler.py': 'unit',
+    'test_shards.py': 'unit',
+    'test_speed_paths.py': 'unit',
+    'test_synthetic.py': 'unit',
+    'test_synthetic_deit.py': 'unit',
+    'test_tokenization.py': 'unit',
+    'test_utils.py': 'unit',
+    'test_ve_accuracy.py': 'unit',
+    'test_ve_parity.py': 'parity',
+    'test_vqa_checkpoint.py': 'parity',
+    'test_vqa_eval.py': 'unit',
+    'test_vqa_learning.py': 'learning',
+    'test_vqa_model.py': 'unit',
+    'test_vqa_parity.py': 'parity',
+}
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test of tests/ the kind of its file unless it carries one itself; refuse unknown files."""
+    unknown, doubled = set(), []
+    for item in items:
+        if os.path.dirname(os.path.abspath(str(item.path))) != TESTS_DIR:
+            continue
+        own = {mark.name for mark in item.iter_markers() if mark.name in KINDS}
+        if len(own) > 1:
+            doubled.append(f'{item.nodeid}: {", ".join(sorted(own))}')
+        elif not own:
+            kind = KIND_OF_FILE.get(item.path.name)
+            if kind is None:
+                unknown.add(item.path.name)
+            else:
+                item.add_marker(kind)
+    if unknown or doubled:
+        lines = [f'{name} is not in KIND_OF_FILE of tests/conftest.py: add it with one of {", ".join(KINDS)}'
+                 for name in sorted(unknown)]
+        lines += [f'{test} has more than one kind; keep one' for test in doubled]
+        raise pytest.UsageError('tests without a kind:\n  ' + '\n  '.join(lines))
+
+
 # ---- the tiny pretrained model shared by the learning tests ------------------------------------------------------
-import collections  # noqa: E402
-
-import pytest  # noqa: E402
-
 TinyPretrained = collections.namedtuple('TinyPretrained', 'checkpoint root output_dir')
 
 # The pretraining run of the learning test (tests/test_pretrain_learning.py); the fine-tuning tests start from its
@@ -29,46 +103,23 @@ SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python -m synthetic.deit)
 @pytest.fixture(scope='session')
 def synthetic_root(tmp_path_factory):
     """The synthetic world at its default size (the one `make demo` uses), generated once per test session."""
-    from synthetic.world import generate
-    root = tmp_path_factory.mktemp('synthetic')
-    generate(root, seed=0, scale=1.0)
-    return root
+    return make_world(tmp_path_factory.mktemp('synthetic'), scale=1.0, seed=0)
 
 
 @pytest.fixture(scope='session')
 def synthetic_deit(synthetic_root, tmp_path_factory):
     """The DeiT stand-in of the synthetic recipe (python -m synthetic.deit), trained once per session."""
-    import synthetic.deit as stand_in
-    path = tmp_path_factory.mktemp('synthetic_deit') / stand_in.DEFAULT_NAME
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TINY_PRETRAIN_THREADS)
-    try:
-        stand_in.main(['--root', str(synthetic_root), '--output', str(path),
-                       '--config', os.path.join(REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'),
-                       '--epochs', str(SYNTHETIC_DEIT_EPOCHS)])
-    finally:
-        torch.set_num_threads(threads)
-    return str(path)
+    from synthetic.deit import DEFAULT_NAME
+    return make_deit(synthetic_root, tmp_path_factory.mktemp('synthetic_deit') / DEFAULT_NAME,
+                     epochs=SYNTHETIC_DEIT_EPOCHS, threads=TINY_PRETRAIN_THREADS)
 
 
 @pytest.fixture(scope='session')
 def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
     """(checkpoint, root, output_dir) of Pretrain.py run on the synthetic world with configs/Pretrain_synthetic.yaml,
     starting from the synthetic DeiT stand-in as the recipe does."""
-    import engine
-    import Pretrain
     out = tmp_path_factory.mktemp('tiny_pretrain')
     root = synthetic_root
-    argv = ['--config', os.path.join(REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'), '--output_dir', str(out),
-            '--text_encoder', 'none', '--device', 'cpu', '--seed', '42',
-            '--opt', f'train_file=[{root}/pretrain.json]', '--opt', f'image_root={root}',
-            '--opt', f'val_file={root}/retrieval_test.json', '--opt', f'deit_checkpoint={synthetic_deit}']
-    for key, value in TINY_PRETRAIN_OPTS.items():
-        argv += ['--opt', f'{key}={value}']
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TINY_PRETRAIN_THREADS)
-    try:
-        Pretrain.main(engine.base_parser('tiny pretraining', None, None).parse_args(argv))
-    finally:
-        torch.set_num_threads(threads)
-    return TinyPretrained(str(out / 'checkpoint_last.pth'), str(root), str(out))
+    checkpoint = run_pretrain(root, out, deit=synthetic_deit, seed=42, val_file=f'{root}/retrieval_test.json',
+                              threads=TINY_PRETRAIN_THREADS, **TINY_PRETRAIN_OPTS)
+    return TinyPretrained(checkpoint, str(root), str(out))

@@ -21,6 +21,7 @@ def test_window_verdict_accepts_noise_and_rejects_a_shift():
     assert not ok
 
 
+@pytest.mark.e2e
 def test_script_runs_both_precisions_in_lockstep(monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['bf16_curves.py', '--steps', '4', '--window', '2', '--batch', '4',
                                       '--device', 'cpu'])

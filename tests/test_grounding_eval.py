@@ -131,6 +131,7 @@ def test_compute_gradcams_over_a_loader_gives_one_map_per_item():
 
 
 # ---- Grounding.py on the hand-made REFER fixture ------------------------------------------------------------------
+@pytest.mark.e2e
 def test_grounding_script_trains_evaluates_and_writes_metrics(refcoco, tmp_path):
     import os
 

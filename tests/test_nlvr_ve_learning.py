@@ -8,14 +8,11 @@ import os
 
 import pytest
 
-import engine
 import NLVR
-import Pretrain
 import Pretrain_nlvr
 import VE
-from synthetic.world import generate
+from tests.helpers import REPO, make_world, opts, run_main, run_pretrain
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PretrainedTiny = collections.namedtuple('PretrainedTiny', 'checkpoint root')
 
 # One epoch each, warm-up off. NLVR2 runs at 32 px (no detail needed to learn the first signal, and 4x cheaper) with
@@ -34,17 +31,6 @@ VE_RUN = {'max_steps_per_epoch': 30, 'schedular.epochs': 1, 'image_res': 64, 'ba
           'optimizer.lr': 1e-3, 'schedular.lr': 1e-3, 'schedular.warmup_lr': 1e-3}
 MARGIN_NLVR = 0.05
 MARGIN_VE = 0.20
-
-
-def run(script, argv):
-    """Run an entry script's main() in this process (single process, no launcher)."""
-    parser = script.parser() if hasattr(script, 'parser') else engine.base_parser(script.__name__, None, None)
-    script.main(parser.parse_args([str(a) for a in argv]))
-
-
-def opts(**values):
-    """--opt key=value pairs."""
-    return [arg for key, value in values.items() for arg in ('--opt', f'{key}={value}')]
 
 
 def repeated_file(path, steps, batch_size):
@@ -66,14 +52,10 @@ def majority_fraction(paths):
 
 def make_tiny_pretrained(base, steps=PRETRAIN_STEPS, scale=WORLD_SCALE):
     """A synthetic world under `base` and a short Pretrain.py run on it with configs/Pretrain_synthetic.yaml."""
-    root = base / 'synthetic'
-    generate(root, seed=0, scale=scale)
-    out = base / 'pretrain'
-    run(Pretrain, ['--config', os.path.join(REPO, 'configs/Pretrain_synthetic.yaml'), '--text_encoder', 'none',
-                   '--output_dir', out, '--seed', 0,
-                   *opts(train_file=f'[{root}/pretrain.json]', image_root=root, val_file='null', num_workers=0,
-                         max_steps_per_epoch=steps, init_deit='false', **{'schedular.epochs': 1})])
-    return PretrainedTiny(str(out / 'checkpoint_last.pth'), str(root))
+    root = make_world(base / 'synthetic', scale=scale, seed=0)
+    # --device left at the script's default, as the fine-tuning runs below; a random ViT (init_deit false)
+    checkpoint = run_pretrain(root, base / 'pretrain', seed=0, device=None, steps=steps, epochs=1, num_workers=0)
+    return PretrainedTiny(checkpoint, str(root))
 
 
 def as_pretrained(value):
@@ -110,17 +92,17 @@ def held_out(root, task, out, items=EVAL_ITEMS):
 def nlvr_pipeline(pretrained, out, seed=0, ta=None, run_opts=None):
     """Pretrain_nlvr.py then NLVR.py; returns NLVR.py's last epoch record (dev and test accuracy)."""
     root = pretrained.root
-    run(Pretrain_nlvr, ['--config', os.path.join(REPO, 'configs/NLVR_pretrain_synthetic.yaml'), '--text_encoder',
-                        'none', '--checkpoint', pretrained.checkpoint, '--output_dir', out / 'ta', '--seed', seed,
-                        *opts(train_file=f'[{root}/pretrain.json]', image_root=root, num_workers=0,
-                              **(TA if ta is None else ta))])
+    run_main(Pretrain_nlvr, ['--config', os.path.join(REPO, 'configs/NLVR_pretrain_synthetic.yaml'),
+                             '--text_encoder', 'none', '--checkpoint', pretrained.checkpoint, '--output_dir', out / 'ta',
+                             '--seed', seed, *opts(train_file=f'[{root}/pretrain.json]', image_root=root, num_workers=0,
+                                                   **(TA if ta is None else ta))])
     run_opts = NLVR_RUN if run_opts is None else run_opts
     train = repeated_file(f'{root}/nlvr_train.json', run_opts['max_steps_per_epoch'], run_opts['batch_size'])
     dev, test = held_out(root, 'nlvr', out / 'data')
-    run(NLVR, ['--config', os.path.join(REPO, 'configs/NLVR_synthetic.yaml'), '--text_encoder', 'none',
-               '--checkpoint', out / 'ta' / 'checkpoint_last.pth', '--output_dir', out / 'nlvr', '--seed', seed,
-               *opts(train_file=train, val_file=f'[{dev}]', test_file=f'[{test}]', image_root=root, num_workers=0,
-                     **run_opts)])
+    run_main(NLVR, ['--config', os.path.join(REPO, 'configs/NLVR_synthetic.yaml'), '--text_encoder', 'none',
+                    '--checkpoint', out / 'ta' / 'checkpoint_last.pth', '--output_dir', out / 'nlvr', '--seed', seed,
+                    *opts(train_file=train, val_file=f'[{dev}]', test_file=f'[{test}]', image_root=root,
+                          num_workers=0, **run_opts)])
     return last_record(out / 'nlvr')
 
 
@@ -130,9 +112,9 @@ def ve_pipeline(pretrained, out, seed=0, run_opts=None):
     run_opts = VE_RUN if run_opts is None else run_opts
     train = repeated_file(f'{root}/ve_train.json', run_opts['max_steps_per_epoch'], run_opts['batch_size_train'])
     dev, test = held_out(root, 've', out / 'data')
-    run(VE, ['--config', os.path.join(REPO, 'configs/VE_synthetic.yaml'), '--text_encoder', 'none',
-             '--checkpoint', pretrained.checkpoint, '--output_dir', out / 've', '--seed', seed,
-             *opts(train_file=train, val_file=dev, test_file=test, image_root=root, num_workers=0, **run_opts)])
+    run_main(VE, ['--config', os.path.join(REPO, 'configs/VE_synthetic.yaml'), '--text_encoder', 'none',
+                  '--checkpoint', pretrained.checkpoint, '--output_dir', out / 've', '--seed', seed,
+                  *opts(train_file=train, val_file=dev, test_file=test, image_root=root, num_workers=0, **run_opts)])
     return last_record(out / 've')
 
 

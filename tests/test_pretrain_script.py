@@ -1,43 +1,31 @@
 """Pretrain.py as a user runs it: one process, resume from checkpoint_last.pth, two processes under torchrun (gloo),
 and a corrupt image stopping the run with its path and index named."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import engine
-import Pretrain
 from dataset.image_io import ImageLoadError
-from synthetic.world import generate
+from tests.helpers import make_world, pretrain_argv, run_main, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
+# a very short CPU run on the small world; mechanics only: a random ViT (no deit given: init_deit false)
+TINY_RUN = {'num_workers': 0, 'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 3, 'schedular.epochs': 2,
+            'log_every': 1}
 
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp('world')
-    generate(root, seed=0, scale=0.05)
-    return root
+    return make_world(tmp_path_factory.mktemp('world'), scale=0.05, seed=0)
 
 
 def tiny_args(root, out, *extra):
     """Command-line arguments of a very short CPU run on the small world."""
-    opts = {'train_file': f'[{root}/pretrain.json]', 'image_root': str(root), 'val_file': 'null', 'num_workers': 0,
-            'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 3, 'schedular.epochs': 2, 'log_every': 1,
-            'init_deit': 'false'}  # mechanics only: a random ViT, no synthetic DeiT needed
-    argv = ['--config', CONFIG, '--output_dir', str(out), '--text_encoder', 'none', '--device', 'cpu', '--seed', '3']
-    for key, value in opts.items():
-        argv += ['--opt', f'{key}={value}']
-    return argv + list(extra)
+    return pretrain_argv(root, out, seed=3, **TINY_RUN) + list(extra)
 
 
 def run_pretrain(argv):
-    Pretrain.main(engine.base_parser('test', CONFIG, 'output').parse_args(argv))
+    run_main('Pretrain', argv)
 
 
 def read_log(path):
@@ -92,10 +80,7 @@ def test_corrupt_image_stops_with_path_and_index(world, tmp_path):
 
 def test_two_process_torchrun(world, tmp_path):
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'Pretrain.py',
-           *tiny_args(world, out, '--opt', 'schedular.epochs=1')]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script('Pretrain.py', tiny_args(world, out, '--opt', 'schedular.epochs=1'), nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / 'checkpoint_last.pth', weights_only=False)
     steps, world_size, batch = 3, 2, 4

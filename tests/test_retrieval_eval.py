@@ -93,6 +93,7 @@ def _two_process_worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_process_evaluation_equals_one_process(tmp_path):
     model = build_model('retrieval', REF).eval()
     loader, tok = eval_inputs()
@@ -143,6 +144,7 @@ def run_retrieval(tmp_path, config, *argv):
     return args
 
 
+@pytest.mark.e2e
 def test_evaluate_a_raw_released_style_file(tmp_path, capsys):
     write_tiny_dataset(tmp_path)
     config = tiny_config(tmp_path)
@@ -173,6 +175,7 @@ def test_raw_file_into_the_training_form_copies_momentum_and_resets_queues(tmp_p
     assert int(model.queue_ptr) == 0 and bool((model.idx_queue == -100).all())
 
 
+@pytest.mark.e2e
 def test_fine_tune_writes_log_checkpoints_and_metrics(tmp_path):
     write_tiny_dataset(tmp_path)
     config = tiny_config(tmp_path, max_steps_per_epoch=2)

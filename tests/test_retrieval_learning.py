@@ -15,13 +15,10 @@ import os
 
 import pytest
 
-import engine
-import Pretrain
 import Retrieval
-from synthetic.world import generate
+from tests.helpers import REPO, make_world, opts, run_pretrain
 from utils import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SCALE, PRETRAIN_STEPS = 0.1, 10
 N_IMAGES, STEPS, BATCH = 8, 150, 8
 # 32 px and a fast-moving teacher without distillation keep the run short; the rest is configs/Retrieval_synthetic.yaml
@@ -32,6 +29,7 @@ RUN = {'image_res': 32, 'batch_size_train': BATCH, 'momentum': 0.9, 'distill': F
 MARGIN_R1, MARGIN_R_MEAN = 6.0, 8.0
 
 
+@pytest.mark.unit
 def test_synthetic_configs_share_the_pretraining_model():
     pretrain = load_config(os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml'))
     for name in ('Retrieval_synthetic.yaml', 'Grounding_synthetic.yaml'):
@@ -40,22 +38,14 @@ def test_synthetic_configs_share_the_pretraining_model():
             assert config[key] == pretrain[key], (name, key)
 
 
-def opts(**values):
-    return [arg for key, value in values.items() for arg in ('--opt', f'{key}={value}')]
-
-
 @pytest.fixture(scope='module')
 def short_pretrained(tmp_path_factory):
     """(checkpoint, world root): a small synthetic world and PRETRAIN_STEPS steps of Pretrain.py on it."""
     base = tmp_path_factory.mktemp('short_pretrained')
-    root = base / 'synthetic'
-    generate(root, seed=0, scale=WORLD_SCALE)
-    argv = ['--config', os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml'), '--text_encoder', 'none',
-            '--device', 'cpu', '--seed', '42', '--output_dir', str(base / 'pretrain'),
-            *opts(train_file=f'[{root}/pretrain.json]', image_root=root, val_file='null', num_workers=0,
-                  max_steps_per_epoch=PRETRAIN_STEPS, init_deit='false', **{'schedular.epochs': 1})]
-    Pretrain.main(engine.base_parser('short pretraining', None, None).parse_args(argv))
-    return str(base / 'pretrain' / 'checkpoint_last.pth'), str(root)
+    root = make_world(base / 'synthetic', scale=WORLD_SCALE, seed=0)
+    # a random ViT (init_deit false), no zero-shot check (val_file null)
+    checkpoint = run_pretrain(root, base / 'pretrain', seed=42, steps=PRETRAIN_STEPS, epochs=1, num_workers=0)
+    return checkpoint, str(root)
 
 
 def seen_subset(root, out_dir, n_images):

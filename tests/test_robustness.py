@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,36 +13,29 @@ import torch
 from torch.utils.data import TensorDataset
 
 import engine
-import Pretrain
 from dataset import create_loader, create_sampler
-from synthetic.world import generate
 from models.checkpoint import CheckpointError
+from tests import helpers
 from utils import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
+CONFIG = helpers.PRETRAIN_CONFIG
+# a short CPU pretraining run on the small world, from a random ViT (no deit given: init_deit false)
+SHORT_RUN = {'num_workers': 0, 'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 5, 'schedular.epochs': 2,
+             'log_every': 1}
 
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp('world')
-    generate(root, seed=0, scale=0.05)
-    return root
+    return helpers.make_world(tmp_path_factory.mktemp('world'), scale=0.05, seed=0)
 
 
 def pretrain_argv(root, out, **overrides):
     """Arguments of a short CPU pretraining run on the small world (overrides are --opt keys)."""
-    opts = {'train_file': f'[{root}/pretrain.json]', 'image_root': str(root), 'val_file': 'null', 'num_workers': 0,
-            'batch_size': 4, 'queue_size': 32, 'max_steps_per_epoch': 5, 'schedular.epochs': 2, 'log_every': 1,
-            'init_deit': 'false', **overrides}
-    argv = ['--config', CONFIG, '--output_dir', str(out), '--text_encoder', 'none', '--device', 'cpu', '--seed', '5']
-    for key, value in opts.items():
-        argv += ['--opt', f'{key}={value}']
-    return argv
+    return helpers.pretrain_argv(root, out, seed=5, **{**SHORT_RUN, **overrides})
 
 
 def run_pretrain(argv):
-    Pretrain.main(engine.base_parser('test', CONFIG, 'output').parse_args(argv))
+    helpers.run_main('Pretrain', argv)
 
 
 def read_log(path):
@@ -95,10 +86,8 @@ def test_sigkill_mid_epoch_then_resume_auto_gives_the_same_weights(world, tmp_pa
         'checkpoint_last.pth']
 
     cut = tmp_path / 'cut'
-    env = dict(os.environ, OMP_NUM_THREADS='1')
     with open(tmp_path / 'killed.log', 'w') as log:
-        proc = subprocess.Popen([sys.executable, 'Pretrain.py', *pretrain_argv(world, cut, **steps)], cwd=REPO,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = helpers.start_script('Pretrain.py', pretrain_argv(world, cut, **steps), log)
         try:
             wait_for(cut / 'checkpoint_01_step000002.pth', proc)
         finally:
@@ -158,6 +147,7 @@ def toy_fit(out, nan_calls=(), resume=None, **config):
     return model, records
 
 
+@pytest.mark.unit
 def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError) as err:
         toy_fit(tmp_path / 'out', nan_calls={5}, checkpoint_every_steps=2)
@@ -167,6 +157,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_p
     assert 'skip_nonfinite_steps' in message and '--resume auto' in message
 
 
+@pytest.mark.unit
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
     model, records = toy_fit(tmp_path / 'out', nan_calls={3, 9}, skip_nonfinite_steps=2)
     assert [r['train_nonfinite_skipped'] for r in records] == [1, 2]  # running count over the run
@@ -177,6 +168,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
         toy_fit(tmp_path / 'again', nan_calls={3, 9}, skip_nonfinite_steps=1)
 
 
+@pytest.mark.unit
 def test_resume_from_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / 'out'
     toy_fit(out, checkpoint_every_steps=3)
@@ -194,6 +186,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     assert engine.find_latest_checkpoint(str(out)) == str(out / 'checkpoint_01_step000003.pth')
 
 
+@pytest.mark.unit
 def test_resume_auto_in_an_empty_folder_starts_a_new_run(tmp_path):
     _, records = toy_fit(tmp_path / 'out', resume='auto')
     assert [r['epoch'] for r in records] == [0, 1]
@@ -209,6 +202,7 @@ class NoisyData(torch.utils.data.Dataset):
         return torch.tensor([float(i)]) + torch.rand(1) + float(np.random.rand())
 
 
+@pytest.mark.unit
 def test_data_seed_per_step_makes_a_resumed_epoch_exact_with_workers():
     data = NoisyData()
 
@@ -287,13 +281,12 @@ def worker_pid(agent_pid, rank):
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes through /proc')
 def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(world, tmp_path):
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1',
-           '--monitor-interval=0.2', 'Pretrain.py',
-           *pretrain_argv(world, out, checkpoint_every_steps=2, max_steps_per_epoch=4)]
-    # a fresh rendezvous store per attempt: the shared one keeps the dead attempt's addresses (pytorch#135712)
-    env = dict(os.environ, OMP_NUM_THREADS='1', TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
     with open(tmp_path / 'torchrun.log', 'w') as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # a fresh rendezvous store per attempt: the shared one keeps the dead attempt's addresses (pytorch#135712)
+        proc = helpers.start_script('Pretrain.py', pretrain_argv(world, out, checkpoint_every_steps=2,
+                                                                 max_steps_per_epoch=4), log, nproc=2,
+                                    launcher_args=['--max-restarts=1', '--monitor-interval=0.2'],
+                                    env={'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'})
         try:
             wait_for(out / 'checkpoint_00_step000002.pth', proc)
             victim = worker_pid(proc.pid, 1)

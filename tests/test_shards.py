@@ -4,7 +4,6 @@ and resumes them exactly."""
 import hashlib
 import io
 import json
-import os
 import random
 import shutil
 import tarfile
@@ -16,14 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
-import engine
-import Pretrain
 from dataset import ImageLoadError, ShardedPretrainDataset, build_transform, pre_caption, pretrain_dataset
 from dataset import make_shards
-from synthetic.world import generate
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
+from tests.helpers import make_world, pretrain_argv, run_main
 
 
 def image_digest(image):
@@ -37,9 +31,7 @@ def keep(batch):
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp('world')
-    generate(root, seed=0, scale=0.05)
-    return root
+    return make_world(tmp_path_factory.mktemp('world'), scale=0.05, seed=0)
 
 
 @pytest.fixture(scope='module')
@@ -151,18 +143,15 @@ def test_make_shards_reencodes_smaller_and_skips_missing_images(world, tmp_path)
     assert len(sizes) == 6 and set(sizes) == {24}
 
 
+@pytest.mark.e2e
 def test_pretrain_on_shards_resumes_exactly(world, shards, tmp_path):
     out_dir, _ = shards
-    opts = {'train_shards': str(out_dir), 'val_file': 'null', 'num_workers': 2, 'batch_size': 4, 'queue_size': 32,
-            'max_steps_per_epoch': 4, 'schedular.epochs': 2, 'checkpoint_every_steps': 2, 'log_every': 1,
-            'init_deit': 'false'}
+    # no root: the shards replace train_file; val_file null and a random ViT (init_deit false) are pretrain_argv's own
+    opts = {'train_shards': str(out_dir), 'num_workers': 2, 'batch_size': 4, 'queue_size': 32,
+            'max_steps_per_epoch': 4, 'schedular.epochs': 2, 'checkpoint_every_steps': 2, 'log_every': 1}
 
     def run(out, *extra):
-        argv = ['--config', CONFIG, '--output_dir', str(out), '--text_encoder', 'none', '--device', 'cpu',
-                '--seed', '9', *extra]
-        for key, value in opts.items():
-            argv += ['--opt', f'{key}={value}']
-        Pretrain.main(engine.base_parser('test', CONFIG, 'output').parse_args(argv))
+        run_main('Pretrain', pretrain_argv(None, out, seed=9, **opts) + list(extra))
 
     full = tmp_path / 'full'
     run(full)

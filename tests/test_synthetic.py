@@ -4,8 +4,6 @@ import hashlib
 import json
 import pickle
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +12,8 @@ import pytest
 from PIL import Image
 
 from synthetic.world import generate, inclusive_iou, scaled_counts
+from tests.helpers import run_script
 
-REPO = Path(__file__).resolve().parents[1]
 SCALE = 0.05
 JSON_STEMS = (
     "pretrain",
@@ -87,10 +85,11 @@ def test_returned_paths_exist(world):
     assert {f"{stem}" for stem in JSON_STEMS} <= set(world["paths"])
 
 
-def test_command_line_writes_identical_bytes(world, tmp_path):
+@pytest.mark.e2e
+@pytest.mark.parametrize("module", ["synthetic.world", "synthetic"])
+def test_command_line_writes_identical_bytes(world, tmp_path, module):
     root_b = tmp_path / "world_b"
-    command = [sys.executable, "-m", "synthetic.world", "--root", str(root_b), "--seed", "0", "--scale", str(SCALE)]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=120)
+    run_script(module, ["--root", root_b, "--seed", "0", "--scale", SCALE], threads=None, timeout=120, check=True)
     digest_a, digest_b = _tree_digest(world["root"]), _tree_digest(root_b)
     assert digest_a == digest_b
     assert sum(name.endswith(".jpg") for name in digest_a) == sum(world["manifest"]["pictures"].values())

@@ -35,7 +35,7 @@ def test_missing_world_names_the_file_and_the_command(tmp_path):
     assert not os.path.exists(tmp_path / stand_in.DEFAULT_NAME)
 
 
-def test_missing_stand_in_names_the_command(synthetic_root, tmp_path):
+def test_missing_stand_in_names_the_command(tmp_path):
     from models.model_pretrain import ALBEF
     from tests.parity_utils import StubTokenizer
     config = utils.load_config(CONFIG, [f'deit_checkpoint={tmp_path}/absent.pth'])
@@ -43,6 +43,7 @@ def test_missing_stand_in_names_the_command(synthetic_root, tmp_path):
         ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=True)
 
 
+@pytest.mark.learning
 def test_stand_in_loads_as_deit_and_separates_pictures(synthetic_deit, synthetic_root):
     """The file is a DeiT checkpoint (head included, as the official one) that load_deit takes whole, and its [CLS]
     features tell the held-out test pictures' colours apart, which a randomly initialised ViT's do not."""

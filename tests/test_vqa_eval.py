@@ -108,6 +108,7 @@ def _rank_worker(rank, world, port, folder):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_save_result_merges_ranks(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

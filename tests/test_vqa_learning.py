@@ -9,6 +9,7 @@ import torch
 import utils
 import VQA
 from evaluation.vqa_eval import check_results, ground_truth_answers, most_common_answer_accuracy, score_results
+from tests.helpers import make_world, run_pretrain
 
 TEST_QUESTIONS = 160       # a slice of the synthetic test split keeps prediction cheap
 EPOCHS, STEPS = 3, 33      # the config's epochs of 33 steps (batch 32): a scale-0.3 world's 1,080 questions each
@@ -25,17 +26,9 @@ def _unpack(value):
 
 def make_pretrained(base):
     """A synthetic world and a short Pretrain.py run on it, as the shared `tiny_pretrained` fixture makes them."""
-    from synthetic.world import generate
-    import Pretrain
-    root = str(base / 'synthetic')
-    generate(root, seed=0, scale=0.3)
-    out = str(base / 'pretrain')
-    Pretrain.main(Pretrain.engine.base_parser('', '', '').parse_args([
-        '--config', os.path.join(utils.REPO_ROOT, 'configs', 'Pretrain_synthetic.yaml'), '--output_dir', out,
-        '--text_encoder', 'none', '--device', 'cpu', '--seed', '0', '--opt', f'train_file=[{root}/pretrain.json]',
-        '--opt', f'image_root={root}', '--opt', 'val_file=null', '--opt', 'num_workers=0',
-        '--opt', 'schedular.epochs=1', '--opt', 'max_steps_per_epoch=40', '--opt', 'init_deit=false']))
-    return os.path.join(out, 'checkpoint_last.pth'), root
+    root = str(make_world(base / 'synthetic', scale=0.3, seed=0))
+    # a random ViT (init_deit false), no zero-shot check (val_file null)
+    return run_pretrain(root, str(base / 'pretrain'), seed=0, epochs=1, steps=40, num_workers=0), root
 
 
 @pytest.fixture(scope='module')
@@ -48,6 +41,7 @@ def pretrained(request, tmp_path_factory):
     return make_pretrained(tmp_path_factory.mktemp('tiny_pretrained'))
 
 
+@pytest.mark.unit
 def test_synthetic_config_matches_the_pretraining_model():
     """The tiny pretrained checkpoint converts only if both configs build the same ViT and BERT."""
     configs = [utils.load_config(os.path.join(utils.REPO_ROOT, 'configs', name))

@@ -1,0 +1,128 @@
+"""What several tests do the same way: write a synthetic world, train its DeiT stand-in, pretrain a tiny ALBEF on it,
+and run an entry script, in this process or as a subprocess (plain or under torchrun).
+
+    make_world(root, scale, seed)               synthetic/world.py under root
+    make_deit(root, output, epochs, threads)    synthetic/deit.py: the DeiT stand-in trained on that world
+    pretrain_argv(root, out, deit, **options)   the arguments of a short CPU Pretrain.py run on that world
+    run_pretrain(root, out, ...)                that run, in this process; returns out/checkpoint_last.pth
+    run_main(script, argv)                      any entry script's main() in this process
+    run_script(name, argv) / start_script(...)  a script or module in a subprocess: run to the end / started
+
+The tests give every setting explicitly (seed, world scale, steps, epochs, ...): the learning margins they assert were
+measured with exactly those settings.
+"""
+import contextlib
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    """torch's intra-op thread count set to `threads` inside the block (None: left as it is)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_world(root, scale=1.0, seed=0):
+    """The deterministic synthetic world (python -m synthetic.world) written under `root`; returns root as a Path."""
+    from synthetic.world import generate
+    generate(root, seed=seed, scale=scale)
+    return Path(root)
+
+
+def make_deit(root, output, epochs=4, threads=1, config=PRETRAIN_CONFIG):
+    """The DeiT stand-in (python -m synthetic.deit) trained on the world under `root` and written to `output`;
+    returns the path as a string."""
+    import synthetic.deit as stand_in
+    with torch_threads(threads):
+        stand_in.main(['--root', str(root), '--output', str(output), '--config', str(config), '--epochs', str(epochs)])
+    return str(output)
+
+
+def opts(**keys):
+    """`--opt key=value` pairs; dotted keys through a dict: opts(**{'schedular.epochs': 1})."""
+    return [arg for key, value in keys.items() for arg in ('--opt', f'{key}={value}')]
+
+
+def pretrain_argv(root, out, deit=None, *, seed=42, device='cpu', config=PRETRAIN_CONFIG, text_encoder='none',
+                  val_file='null', **keys):
+    """Pretrain.py's arguments for a run on the synthetic world under `root`, writing to `out`.
+
+    deit: the DeiT stand-in the ViT starts from (deit_checkpoint); None starts from a random ViT (init_deit: false).
+    root None leaves train_file and image_root to the other keys (a run on shards). device None leaves --device at
+    the script's default. keys: further config keys (--opt, after train_file / image_root / val_file and replacing
+    those when named again); dotted keys through a dict: **{'schedular.epochs': 2}.
+    """
+    argv = ['--config', str(config), '--output_dir', str(out), '--text_encoder', text_encoder, '--seed', str(seed)]
+    if device is not None:
+        argv += ['--device', device]
+    options = {} if root is None else {'train_file': f'[{root}/pretrain.json]', 'image_root': str(root)}
+    options['val_file'] = val_file
+    options.update({'deit_checkpoint': deit} if deit is not None else {'init_deit': 'false'})
+    options.update(keys)
+    return argv + opts(**options)
+
+
+def run_main(script, argv, threads=1):
+    """An entry script's main() in this process, one process, no launcher; `script` is the module or its name
+    ('Pretrain'). Returns what main returns."""
+    module = importlib.import_module(script) if isinstance(script, str) else script
+    with torch_threads(threads):
+        return module.main(module.parser().parse_args([str(a) for a in argv]))
+
+
+def run_pretrain(root, out, deit=None, steps=None, epochs=None, threads=1, extra=(), **options):
+    """Pretrain.py in this process (pretrain_argv(root, out, deit, **options) + extra); steps and epochs set
+    max_steps_per_epoch and schedular.epochs. Returns the path of out/checkpoint_last.pth."""
+    if steps is not None:
+        options['max_steps_per_epoch'] = steps
+    if epochs is not None:
+        options['schedular.epochs'] = epochs
+    run_main('Pretrain', pretrain_argv(root, out, deit, **options) + list(extra), threads=threads)
+    return os.path.join(str(out), 'checkpoint_last.pth')
+
+
+def script_command(name, argv=(), nproc=None, launcher_args=()):
+    """The command line of `name` (a file of the repository, 'Pretrain.py', or a module, 'synthetic.world'), under
+    torchrun (python -m torch.distributed.run --standalone) with `nproc` processes when nproc is given."""
+    target = [name] if name.endswith('.py') else ['-m', name]
+    if nproc is not None:
+        target = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', *launcher_args, *target]
+    return [sys.executable, *target, *[str(a) for a in argv]]
+
+
+def script_env(threads=1, env=None):
+    """This process's environment plus `env`, with OMP_NUM_THREADS=threads (unless threads is None)."""
+    merged = dict(os.environ, **(env or {}))
+    if threads is not None:
+        merged['OMP_NUM_THREADS'] = str(threads)
+    return merged
+
+
+def run_script(name, argv=(), nproc=None, launcher_args=(), threads=1, env=None, timeout=300, **kwargs):
+    """Run `name` (see script_command) in a subprocess from the repository root to its end, output captured as text;
+    returns the CompletedProcess (check=True in kwargs raises on a non-zero exit)."""
+    return subprocess.run(script_command(name, argv, nproc, launcher_args), cwd=REPO, env=script_env(threads, env),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start_script(name, argv=(), log=None, nproc=None, launcher_args=(), threads=1, env=None):
+    """Start `name` (see script_command) in a subprocess from the repository root, stdout and stderr both into `log`
+    (an open file); returns the Popen without waiting."""
+    return subprocess.Popen(script_command(name, argv, nproc, launcher_args), cwd=REPO, env=script_env(threads, env),
+                            stdout=log, stderr=subprocess.STDOUT)
