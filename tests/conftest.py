@@ -19,8 +19,8 @@ torch.set_num_threads(1)
 # ---- the kind of every test: `make test-fast` runs -m "unit or parity", `make test` everything --------------------
 # parity: compares with the official tensors of tests/fixtures/parity; learning: trains on the synthetic world and
 # asserts a measured margin (minutes); e2e: an entry script, a subprocess, torchrun or a pipeline of several seconds;
-# unit: fast and self-contained. A file holding tests of another kind than its own marks those tests itself
-# (@pytest.mark.e2e, ...); a new test file must be added here.
+# unit: fast and self-contained. Every test file is listed here, also one that marks its tests itself (pytestmark);
+# a file holding tests of another kind than its own marks those tests (@pytest.mark.e2e, ...).
 KINDS = ('unit', 'parity', 'e2e', 'learning')
 KIND_OF_FILE = {
     'test_bf16_curves.py': 'unit',
@@ -43,8 +43,11 @@ KIND_OF_FILE = {
     'test_nlvr_ve_learning.py': 'learning',
     'test_optim.py': 'unit',
     'test_parity_pretrain.py': 'parity',
+    'test_plot_run.py': 'e2e',
     'test_pretrain_learning.py': 'learning',
     'test_pretrain_script.py': 'e2e',
+    'test_registry.py': 'unit',
+    'test_reproduce.py': 'unit',
     'test_retrieval_eval.py': 'unit',
     'test_retrieval_learning.py': 'learning',
     'test_retrieval_parity.py': 'parity',
@@ -58,6 +61,7 @@ KIND_OF_FILE = {
     'test_utils.py': 'unit',
     'test_ve_accuracy.py': 'unit',
     'test_ve_parity.py': 'parity',
+    'test_vit.py': 'unit',
     'test_vqa_checkpoint.py': 'parity',
     'test_vqa_eval.py': 'unit',
     'test_vqa_learning.py': 'learning',
@@ -68,20 +72,20 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Give every test of tests/ the kind of its file unless it carries one itself; refuse unknown files."""
+    """Give every test of tests/ the kind of its file unless it carries one itself; refuse unlisted files."""
     unknown, doubled = set(), []
     for item in items:
         if os.path.dirname(os.path.abspath(str(item.path))) != TESTS_DIR:
+            continue
+        kind = KIND_OF_FILE.get(item.path.name)
+        if kind is None:
+            unknown.add(item.path.name)
             continue
         own = {mark.name for mark in item.iter_markers() if mark.name in KINDS}
         if len(own) > 1:
             doubled.append(f'{item.nodeid}: {", ".join(sorted(own))}')
         elif not own:
-            kind = KIND_OF_FILE.get(item.path.name)
-            if kind is None:
-                unknown.add(item.path.name)
-            else:
-                item.add_marker(kind)
+            item.add_marker(kind)
     if unknown or doubled:
         lines = [f'{name} is not in KIND_OF_FILE of tests/conftest.py: add it with one of {", ".join(KINDS)}'
                  for name in sorted(unknown)]
