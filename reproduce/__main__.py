@@ -128,7 +128,8 @@ def cmd_run(args, extra):
         return 0
     os.makedirs(out, exist_ok=True)
     record = {'cell': cell.id, 'family': cell.family, 'mode': mode, 'data_root': data_root,
-              'checkpoint': checkpoint or '', 'commands': [shell_line(a) for a, _ in commands],
+              'checkpoint': checkpoint or '', 'nproc': args.torchrun or 1,
+              'commands': [shell_line(a) for a, _ in commands],
               'started': time.strftime('%Y-%m-%dT%H:%M:%S'), 'returncodes': []}
     record_path = os.path.join(out, 'reproduce.json')
 

@@ -103,7 +103,9 @@ def render(table):
            'sub-folders of OUT), with it the evaluation of the released fine-tuned checkpoint. Released '
            'checkpoints are looked for in `DIR/checkpoints/` '
            'unless `--checkpoint` is given. OUT gets `reproduce.json` (cell, mode, commands) and the script\'s '
-           '`metrics.json`.',
+           '`metrics.json`. The configs\' batch sizes are per GPU and the paper used 8 GPUs: fine-tune with '
+           '`--torchrun 8` (or as many GPUs with the batch sizes scaled to the same total) to compare with the '
+           'paper.',
            '- `report OUT [OUT ...] [--markdown FILE]`: one row per number: ours, paper, difference, tolerance, '
            'verdict (`within` / `OUTSIDE`; `server` for VQA test-dev/test-std, which only the EvalAI server '
            'scores: the row names the result file to submit). Fractions (NLVR2, SNLI-VE, grounding) are shown '
@@ -147,8 +149,12 @@ def render(table):
             for mode in ('evaluate', 'train'):
                 if mode not in cell.commands:
                     continue
-                label = 'Evaluate the released fine-tuned checkpoint' if mode == 'evaluate' else \
-                    'Fine-tune from the released pretraining checkpoint' if cell.pretrained else 'Train'
+                if mode == 'evaluate':
+                    label = ('Evaluate the released fine-tuned checkpoint' if cell.finetuned or
+                             cell.steps(mode)[0].checkpoint != 'finetuned'
+                             else 'Evaluate your fine-tuned checkpoint `$CKPT` (none released for this row)')
+                else:
+                    label = 'Fine-tune from the released pretraining checkpoint' if cell.pretrained else 'Train'
                 out += [f'{label}:', '', '```bash', command_block(table, cell, mode), '```', '']
     # data
     out += ['## Data under `--data_root`', '',

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 RUN_RECORD = 'reproduce.json'
+PAPER_GPUS = 8  # every fine-tuning run of the paper: 8 GPUs, the configs' batch sizes per GPU
 
 
 @dataclass
@@ -100,6 +101,9 @@ def rows_for_run(table, arg):
         metric_id = f'{cell.id}.{metric.name}'
         tol = cell.tolerance_of(metric, mode)
         note = metric.note + ('' if metric.confirmed else ' (paper number unconfirmed)')
+        nproc = record.get('nproc')
+        if mode == 'train' and metric.paper is not None and nproc and nproc != PAPER_GPUS:
+            note += f' (trained on {nproc} process(es); the paper used {PAPER_GPUS} GPUs, batch sizes are per GPU)'
         if metric.server:
             results = sorted(glob.glob(os.path.join(out, 'result', '*.json')))
             where = doc.get('result_file') or (results[-1] if results else 'result/*.json')

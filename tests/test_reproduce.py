@@ -292,6 +292,16 @@ def test_report_converts_units_and_judges_each_number(table, tmp_path):
     assert '| nlvr2.4M.dev | 80.31 | 80.24 | +0.07 | ±1.5 | within |' in md
 
 
+def test_report_notes_a_fine_tuning_run_on_fewer_gpus_than_the_paper(table, tmp_path):
+    run = write_run(tmp_path / 've', {'val_acc': 0.801, 'test_acc': 0.803}, 'snli_ve.4M', 'train')
+    record = json.loads((tmp_path / 've' / 'reproduce.json').read_text())
+    (tmp_path / 've' / 'reproduce.json').write_text(json.dumps(dict(record, nproc=1)))
+    rows = collect(table, [run])
+    assert all(r.verdict == 'within' and 'trained on 1 process(es); the paper used 8 GPUs' in r.note for r in rows)
+    (tmp_path / 've' / 'reproduce.json').write_text(json.dumps(dict(record, nproc=8)))
+    assert not any(r.note for r in collect(table, [run]))
+
+
 def test_report_cli_writes_markdown(tmp_path, capsys):
     run = write_run(tmp_path / 've', {'val_acc': 0.5, 'test_acc': 0.25}, 'synthetic.ve', 'train')
     md = tmp_path / 'report.md'
