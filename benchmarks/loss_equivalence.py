@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import create_dataset  # noqa: E402
 from dataset.collate import build_collate_fn  # noqa: E402
 from engine import autocast  # noqa: E402
-from models.model_pretrain import ALBEF, apply_speed_options, resolve_speed_mode  # noqa: E402
+from models.model_pretrain import ALBEF  # noqa: E402
+from models.speed import apply_speed_options, resolve_speed_mode  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
 from synthetic.world import generate  # noqa: E402

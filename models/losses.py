@@ -1,4 +1,4 @@
-"""ALBEF objectives as pure functions of tensors (spec sections 3.8, 5, 6).
+"""ALBEF objectives as pure functions of tensors (paper, sections 3 and 5).
 
 Everything here keeps the official formulas and operation order. Similarities, softmaxes and cross-entropies
 are computed in fp32 even under bf16 autocast.
@@ -47,7 +47,7 @@ def negative_weights(sim_local, idx=None, eps=0.0):
 
 
 def sanitize_negative_weights(weights, idx=None):
-    """Crash-free weights (spec 13.5): non-finite -> 0; a row summing to 0 becomes uniform over valid negatives.
+    """Weights torch.multinomial accepts: non-finite -> 0; a row summing to 0 becomes uniform over valid negatives.
 
     Valid negatives are j != b with a different idx when such j exist, else all j != b. Returns the weights and
     the number of rows that needed the fallback. Healthy rows are returned unchanged.
@@ -85,7 +85,8 @@ def itm_loss(logits, batch_size):
 
 
 def mask_tokens(input_ids, vocab_size, probability, pad_token_id, cls_token_id, mask_token_id, targets=None):
-    """Official MLM corruption (spec 5.4), in place on `input_ids`; returns (input_ids, targets).
+    """Official MLM corruption (the BERT masking rule as the official code draws it), in place on `input_ids`;
+    returns (input_ids, targets).
 
     Bernoulli(p) selection without [PAD]/[CLS]; 80% [MASK], then half of the rest random ids in [0, vocab).
     """
@@ -142,14 +143,14 @@ def distill_classification_loss(logits, logits_m, targets, alpha):
 
 
 def vqa_loss(per_answer_loss, weights, num_questions):
-    """sum(weight * per-answer loss) / number of questions (quirk 14: not divided by the weights' sum)."""
+    """sum(weight * per-answer loss) / number of questions (not divided by the weights' sum; docs/QUIRKS.md)."""
     return (weights.to(per_answer_loss.dtype) * per_answer_loss).sum() / num_questions
 
 
 def answer_sequence_scores(topk_first_probs, answer_nll, first_token_once=False):
     """Ranking score log p(first token) - sequence NLL per kept answer [B, k].
 
-    The sequence NLL already includes the first answer token, so the official score counts it twice (quirk 13);
+    The sequence NLL already includes the first answer token, so the official score counts it twice (docs/QUIRKS.md);
     `first_token_once` scores the sequence log-probability alone.
     """
     if first_token_once:

@@ -1,8 +1,8 @@
-"""NLVR2 model (spec 6.3): one sentence, two images, an 18-layer text encoder whose fusion layers alternate
-between the images, cross-attention keys/values shared within each pair of layers, and a 2-way head.
+"""NLVR2 model: one sentence, two images, an 18-layer text encoder whose fusion layers alternate between the
+images, cross-attention keys/values shared within each pair of layers, and a 2-way head (paper, section 5).
 
-The pair encoder (`pair_text_config`, `share_cross_attention`) is shared with the text-assignment pretraining
-model (models/model_pretrain_nlvr.py). The official code hard-codes 18 layers and the pairs (6, 7) ... (16, 17);
+The pair encoder (`PairEncoderMixin`: `pair_text_config`, `share_cross_attention`) is shared with the
+text-assignment pretraining model (models/model_pretrain_nlvr.py). The official code hard-codes 18 layers and the pairs (6, 7) ... (16, 17);
 here they follow from the BERT config: fusion_layer + 2 * (num_hidden_layers - fusion_layer) layers, pairs
 (fusion_layer + 2i, fusion_layer + 2i + 1), which is exactly the official layout for BERT-base.
 """
@@ -10,9 +10,8 @@ import copy
 
 import torch
 
-from .model_pretrain import build_text_config
+from .albef import build_text_config, image_mask
 from .model_ve import ALBEF as ClassificationALBEF
-from .model_ve import image_mask
 
 
 def pair_text_config(config):
@@ -51,10 +50,8 @@ def split_image_pairs(image_embeds, batch_size):
     return states, [image_mask(s) for s in states]
 
 
-class ALBEF(ClassificationALBEF):
-    """NLVR2; `forward(cat([image0, image1]), text, targets, alpha, train)` -> loss, or logits [B, 2] in eval."""
-
-    num_classes = 2
+class PairEncoderMixin:
+    """For an AlbefBase model: the pair text encoder (NLVR2 and its text-assignment pretraining)."""
 
     def text_config(self, config):
         """The 18-layer pair encoder config."""
@@ -63,6 +60,12 @@ class ALBEF(ClassificationALBEF):
     def after_text_weights(self, encoder):
         """Share cross-attention K/V within each layer pair (after BERT weights are in, as the official code)."""
         share_cross_attention(encoder)
+
+
+class ALBEF(PairEncoderMixin, ClassificationALBEF):
+    """NLVR2; `forward(cat([image0, image1]), text, targets, alpha, train)` -> loss, or logits [B, 2] in eval."""
+
+    num_classes = 2
 
     def image_states(self, image_embeds, batch_size):
         """Two image sequences: fusion layer l attends to image (l - fusion_layer) % 2."""

@@ -1,23 +1,20 @@
-"""Text-assignment (TA) pretraining for NLVR2 (spec 6.3, official issue #115).
+"""Text-assignment (TA) pretraining for NLVR2 (paper, section 5; official issue #115).
 
 The 18-layer pair encoder of NLVR2 (fusion layers alternating between two images, cross-attention K/V shared
 within each layer pair) learns, for a caption and two images, whether the caption describes image 0 (label 0),
 image 1 (label 1) or neither (label 2). Pairs are drawn with torch's RNG in the official order, from
 similarities of the projected image [CLS] features at the literal temperature 0.07 (not `temp`, which, like
-`text_proj`, is kept for the checkpoint layout but never used).
+`text_proj`, is kept for the checkpoint layout but never used; docs/QUIRKS.md).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import losses
-from .model_nlvr import pair_text_config, share_cross_attention
-from .model_pretrain import apply_speed_options, load_text_weights
-from .model_ve import image_mask
-from .vit import build_vit
-from .xbert import BertModel
+from .albef import AlbefBase, image_mask
+from .model_nlvr import PairEncoderMixin
 
-TA_TEMPERATURE = 0.07   # hard-coded in the official forward (quirk 20)
+TA_TEMPERATURE = 0.07   # hard-coded in the official forward (docs/QUIRKS.md)
 TA_LABELS = {'image0': 0, 'image1': 1, 'neither': 2}
 
 
@@ -63,25 +60,15 @@ def sample_ta_pairs(weights):
     return pairs[:, 0], pairs[:, 1], torch.tensor(labels, dtype=torch.long, device=weights.device)
 
 
-class ALBEF(nn.Module):
+class ALBEF(PairEncoderMixin, AlbefBase):
     """The TA pretraining model; `forward(image, text)` -> cross-entropy of the 3-way assignment."""
 
     def __init__(self, text_encoder=None, tokenizer=None, config=None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        embed_dim, vision_width = config['embed_dim'], config['vision_width']
-        bert_config = pair_text_config(config)
-        width = bert_config.hidden_size
+        super().__init__(config, text_encoder, tokenizer, itm_head=False, momentum=False)
 
-        self.visual_encoder = build_vit(config)
-        self.text_encoder = BertModel(bert_config, add_pooling_layer=False)
-        load_text_weights(self.text_encoder, text_encoder)
-        share_cross_attention(self.text_encoder)
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(width, embed_dim)
-        self.temp = nn.Parameter(torch.ones([]) * config.get('temp', 0.07))
-        self.ta_head = nn.Linear(width, len(TA_LABELS))
-        apply_speed_options(self, config)
+    def add_task_modules(self, config, bert_config):
+        """The 3-way assignment head `ta_head`."""
+        self.ta_head = nn.Linear(bert_config.hidden_size, len(TA_LABELS))
 
     # ---- named stages ----------------------------------------------------------------------------------------
     def draw_pairs(self, image_embeds):
@@ -92,11 +79,10 @@ class ALBEF(nn.Module):
 
     def assign_logits(self, text, image0_embeds, image1_embeds):
         """ta_head logits [B, 3] for captions against (image0, image1) token sequences."""
-        out = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
-                                encoder_hidden_states=[image0_embeds, image1_embeds],
-                                encoder_attention_mask=[image_mask(image0_embeds), image_mask(image1_embeds)],
-                                return_dict=True)
-        return self.ta_head(out.last_hidden_state[:, 0, :])
+        states = [image0_embeds, image1_embeds]
+        hidden = self.encode_multimodal(self.text_encoder, text.input_ids, text.attention_mask, states,
+                                        [image_mask(s) for s in states])
+        return self.ta_head(hidden[:, 0, :])
 
     def forward(self, image, text):
         image_embeds = self.visual_encoder(image)

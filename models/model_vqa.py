@@ -1,4 +1,4 @@
-"""ALBEF for VQA: a question encoder, a 6-layer answer decoder and answer-list ranking (spec 6.2).
+"""ALBEF for VQA: a question encoder, a 6-layer answer decoder and answer-list ranking (paper, section 5).
 
 The question encoder is the full multimodal BERT (text layers, then fusion layers cross-attending to the image).
 The answer decoder is a causal BERT of `num_hidden_layers - fusion_layer` layers whose every layer cross-attends to
@@ -8,16 +8,11 @@ answer list (`rank_answer`). With `distill`, momentum copies of all three give t
 import copy
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from . import losses
-from .model_pretrain import apply_speed_options, build_text_config, load_text_weights
-from .momentum import MomentumMixin
-from .vit import build_vit
-from .xbert import BertLMHeadModel, BertModel
-
-VQA_MOMENTUM = 0.995  # hard-coded in the official VQA model; `momentum` in the config overrides it
+from .albef import AlbefBase, load_text_weights
+from .xbert import BertLMHeadModel
 
 
 def build_decoder_config(bert_config):
@@ -35,38 +30,30 @@ def repeat_rows(tensor, counts):
 
 
 def decoder_distill_on(config):
-    """Whether the decoder's distillation receives alpha (quirk 2: 'off' = the pre-2022-07 official code)."""
+    """Whether the decoder's distillation receives alpha ('off' = the pre-2022-07 official code, docs/QUIRKS.md)."""
     flag = config.get('vqa_decoder_distill', 'on')
     return flag is True or flag == 'on'
 
 
-class ALBEF(MomentumMixin, nn.Module):
+class ALBEF(AlbefBase):
     """The official VQA model; train: `forward(...) -> loss`, eval: `forward(..., train=False) -> (ids, probs)`."""
 
+    model_pairs = (('visual_encoder', 'visual_encoder_m'), ('text_encoder', 'text_encoder_m'),
+                   ('text_decoder', 'text_decoder_m'))
+    copy_vit = False  # the momentum ViT is built again like the online one, not deep-copied
+
     def __init__(self, text_encoder=None, text_decoder=None, tokenizer=None, config=None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.distill = bool(config.get('distill', True))
+        distill = bool(config.get('distill', True))
+        super().__init__(config, text_encoder, tokenizer, projections=False, itm_head=False, momentum=distill,
+                         queues=False, text_decoder=text_decoder)
+        self.distill = distill
         self.decoder_alpha_on = decoder_distill_on(config)
         self.first_token_once = bool(config.get('vqa_first_token_once', False))
 
-        self.visual_encoder = build_vit(config)
-        bert_config = build_text_config(config)
-        self.text_encoder = BertModel(bert_config)
-        load_text_weights(self.text_encoder, text_encoder)
-        decoder_config = build_decoder_config(bert_config)
-        self.text_decoder = BertLMHeadModel(decoder_config)
+    def add_task_modules(self, config, bert_config, text_decoder=None):
+        """The answer decoder `text_decoder`, from local BERT weights `text_decoder` (or None)."""
+        self.text_decoder = BertLMHeadModel(build_decoder_config(bert_config))
         load_text_weights(self.text_decoder, text_decoder)
-
-        if self.distill:
-            self.visual_encoder_m = build_vit(config)
-            self.text_encoder_m = BertModel(bert_config)
-            self.text_decoder_m = BertLMHeadModel(decoder_config)
-            self.model_pairs = (('visual_encoder', 'visual_encoder_m'), ('text_encoder', 'text_encoder_m'),
-                                ('text_decoder', 'text_decoder_m'))
-            self.momentum = config.get('momentum', VQA_MOMENTUM)
-            self.copy_params()
-        apply_speed_options(self, config)
 
     @property
     def pad_token_id(self):
@@ -77,11 +64,7 @@ class ALBEF(MomentumMixin, nn.Module):
     # ---- named stages ---------------------------------------------------------------------------------------
     def encode_question(self, image, question, visual_encoder, text_encoder):
         """Multimodal question states [B, Lq, D]: the question cross-attending to the image tokens."""
-        image_embeds = visual_encoder(image)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        return text_encoder(question.input_ids, attention_mask=question.attention_mask,
-                            encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                            return_dict=True).last_hidden_state
+        return self.encode_multimodal(text_encoder, question.input_ids, question.attention_mask, visual_encoder(image))
 
     def answer_targets(self, answer_ids):
         """Decoder labels: the answer ids with padding ignored (-100)."""
@@ -116,7 +99,7 @@ class ALBEF(MomentumMixin, nn.Module):
         return losses.vqa_loss(per_answer, weights, image.size(0))
 
     def rank_answer(self, question_states, question_atts, answer_ids, answer_atts, k):
-        """Top-k answers of the list per question, re-ranked by full-sequence log-probability (spec 6.2).
+        """Top-k answers of the list per question, re-ranked by full-sequence log-probability (docs/QUIRKS.md).
 
         Returns (topk_ids [B, k] indices into the answer list, topk_probs [B, k]) sorted by probability.
         """

@@ -27,7 +27,7 @@ class MomentumMixin:
     momentum = 0.995
     ema_impl = 'reference'    # 'reference': per-parameter loop (official); 'foreach': torch._foreach ops
     queue_wraparound = False
-    momentum_eval_mode = False  # official: the teachers follow train() and keep BERT dropout on (spec 14 #10)
+    momentum_eval_mode = False  # official: the teachers follow train() and keep BERT dropout on (docs/QUIRKS.md)
 
     def train(self, mode=True):
         """nn.Module.train, keeping the momentum modules in eval mode when `momentum_eval_mode` is set."""

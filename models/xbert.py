@@ -1,4 +1,4 @@
-"""Our own compact BERT for ALBEF (spec section 3), with the official module names.
+"""Our own compact BERT for ALBEF (paper, section 3.1), with the official module names.
 
 Layers `>= fusion_layer` add a cross-attention block whose keys/values read `encoder_hidden_states`
 (width `encoder_width`). `mode` selects the layers to run: 'text' (the text encoder), 'fusion' (the
@@ -143,7 +143,8 @@ class BertSelfAttention(nn.Module):
 
 
 class SharedImageTokens:
-    """Image tokens whose cross-attention keys/values are projected once per layer and reused (spec 16.6).
+    """Image tokens whose cross-attention keys/values are projected once per layer and reused
+    (the `kv_reuse` switch, models/speed.py).
 
     Pass it as `encoder_hidden_states`. In a pretraining step the positive ITM pass, the negative pass (whose second
     half is the same images) and the MLM pass cross-attend to the same image tokens through the same layers, so each
@@ -188,26 +189,13 @@ class SharedImageTokens:
         return k, v
 
 
-class BertSelfOutput(nn.Module):
-    """Dense, dropout, residual, LayerNorm (post-norm)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
-
-
 class BertAttention(nn.Module):
     """Self- or cross-attention block."""
 
     def __init__(self, config, is_cross_attention=False):
         super().__init__()
         self.self = BertSelfAttention(config, is_cross_attention)
-        self.output = BertSelfOutput(config)
+        self.output = BertOutput(config, config.hidden_size)
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
         return self.output(self.self(hidden_states, attention_mask, encoder_hidden_states), hidden_states)
@@ -224,9 +212,12 @@ class BertIntermediate(nn.Module):
 
 
 class BertOutput(nn.Module):
-    def __init__(self, config):
+    """Dense (in_width -> hidden), dropout, residual, LayerNorm (post-norm): after the feed-forward (in_width =
+    intermediate_size, the default) and after each attention (in_width = hidden_size)."""
+
+    def __init__(self, config, in_width=None):
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = nn.Linear(config.intermediate_size if in_width is None else in_width, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -409,7 +400,7 @@ class _BertWithHead(nn.Module):
 
 
 class BertForMaskedLM(_BertWithHead):
-    """Masked LM with optional soft-label distillation (spec 3.8)."""
+    """Masked LM with optional soft-label distillation (momentum distillation, paper section 3.3)."""
 
     def forward(self, input_ids=None, attention_mask=None, encoder_embeds=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, labels=None, return_dict=True, return_logits=False, is_decoder=False,
@@ -441,7 +432,7 @@ class BertForMaskedLM(_BertWithHead):
 
 
 class BertLMHeadModel(_BertWithHead):
-    """Causal LM (answer decoder): shifted logits, per-sequence summed loss, soft labels (spec 3.8)."""
+    """Causal LM (answer decoder): shifted logits, per-sequence summed loss, soft labels (paper section 3.3)."""
 
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 labels=None, return_dict=True, return_logits=False, is_decoder=True, reduction='mean',
@@ -455,6 +446,11 @@ class BertLMHeadModel(_BertWithHead):
         if labels is not None:
             loss = lm_loss(logits[:, :-1, :].contiguous(), labels[:, 1:].contiguous(), reduction, soft_labels, alpha)
         return BertOutput_(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
+
+
+def bert_of(encoder):
+    """The BertModel of a text encoder: the encoder itself, or the `bert` inside a BertForMaskedLM/BertLMHeadModel."""
+    return encoder.bert if isinstance(encoder, _BertWithHead) else encoder
 
 
 def set_attention_impl(module, impl):

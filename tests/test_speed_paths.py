@@ -8,7 +8,7 @@ import torch
 
 import utils
 from dataset.collate import TextBatch, pad_to_multiple, static_shape_options
-from models.model_pretrain import SPEED_MODES, resolve_speed_mode
+from models.speed import SPEED_MODES, resolve_speed_mode
 from optim import param_groups
 from tests.parity_utils import build_model, load_reference, text_input
 
@@ -16,9 +16,12 @@ REF = load_reference('pretrain')
 
 
 def test_mode_presets_and_individual_keys_override():
-    assert resolve_speed_mode({}) == {'attention': 'sdpa', 'ema': 'reference', 'vectorized_negatives': False,
-                                      'fused': None, 'kv_reuse': False}
-    assert resolve_speed_mode({'mode': 'reference'}) == SPEED_MODES['reference']
+    assert set(SPEED_MODES) == {'reference', 'fast'}
+    assert resolve_speed_mode({}) == resolve_speed_mode({'mode': None}) == SPEED_MODES['reference']
+    assert resolve_speed_mode({'mode': 'reference'}) == {'attention': 'explicit', 'ema': 'reference',
+                                                         'vectorized_negatives': False, 'fused': False,
+                                                         'kv_reuse': False}
+    assert resolve_speed_mode({'attention': 'sdpa'})['attention'] == 'sdpa'
     fast = resolve_speed_mode({'mode': 'fast', 'vectorized_negatives': False, 'attention': 'explicit'})
     assert fast == {'attention': 'explicit', 'ema': 'foreach', 'vectorized_negatives': False, 'fused': None,
                     'kv_reuse': True}
