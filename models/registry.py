@@ -1,0 +1,109 @@
+"""Model families and their task models, chosen by the config key `model` (default 'albef').
+
+A family registers, per task it supports, a `TaskSpec`: the task model's class, how a run starts from a
+checkpoint file (`load_checkpoint(model, path, config)`), and optionally the family's own optimiser parameter
+groups. The entry scripts ask `task_spec(config, task)` instead of importing a model file. Importing this module
+registers the ALBEF family.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+CONFIG_KEY = 'model'
+DEFAULT_FAMILY = 'albef'
+TASKS = ('pretrain', 'retrieval', 'grounding', 'vqa', 'nlvr', 've', 'pretrain_nlvr')
+
+_FAMILIES = {}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task model of a family.
+
+    model_class: the nn.Module class, built as `model_class(config=config, **kwargs)`.
+    load_checkpoint: `(model, path, config) -> whatever the loader reports`; the task's rule for starting from a
+        file (pretraining weights converted to the task's layout, or a checkpoint of the task itself).
+    optimizer_groups: None (the project's AdamW groups) or `(model, config) -> parameter groups` for a family
+        with its own.
+    """
+    model_class: type
+    load_checkpoint: Callable
+    optimizer_groups: Optional[Callable] = None
+
+    def build(self, config, **kwargs):
+        """`model_class(config=config, **kwargs)` (kwargs: text_encoder, tokenizer, init_deit, ...)."""
+        return self.model_class(config=config, **kwargs)
+
+
+def register_family(name, tasks):
+    """Register (or replace) model family `name` with `tasks`, a mapping task name -> TaskSpec."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f'model family {name!r}: unknown tasks {unknown}; the tasks are {list(TASKS)}')
+    _FAMILIES[name] = dict(tasks)
+
+
+def families():
+    """The registered family names, sorted."""
+    return sorted(_FAMILIES)
+
+
+def _families_with(task):
+    return [name for name in families() if task in _FAMILIES[name]] or ['none registered']
+
+
+def model_family(config):
+    """The config's model family (key `model`, default 'albef'); ValueError for an unregistered one."""
+    name = config.get(CONFIG_KEY) or DEFAULT_FAMILY
+    if name not in _FAMILIES:
+        raise ValueError(f'config key {CONFIG_KEY!r}: unknown model family {name!r}; registered families: '
+                         f'{", ".join(families())}')
+    return name
+
+
+def task_spec(config, task):
+    """The TaskSpec of `task` in the config's model family; ValueError when the family has no such task."""
+    family = model_family(config)
+    tasks = _FAMILIES[family]
+    if task not in TASKS:
+        raise ValueError(f'unknown task {task!r}; the tasks are {", ".join(TASKS)}')
+    if task not in tasks:
+        raise ValueError(f'model: {family} has no {task!r} task; its tasks are {", ".join(sorted(tasks))} (set the '
+                         f'config key {CONFIG_KEY!r} to a family that has it: {", ".join(_families_with(task))})')
+    return tasks[task]
+
+
+# ---- the ALBEF family ------------------------------------------------------------------------------------------
+def _albef_tasks():
+    """ALBEF's task models and start-from-a-file rules (models/checkpoint.py), imported here to avoid a cycle."""
+    from . import checkpoint as ckpt
+    from . import model_nlvr, model_pretrain, model_pretrain_nlvr, model_retrieval, model_ve, model_vqa
+
+    def load_pretrain(model, path, config):
+        return ckpt.load_pretrain_checkpoint(model, path)
+
+    def load_retrieval(model, path, config):
+        return ckpt.load_retrieval_checkpoint(model, path, reset_queues=config['reset_queues_on_finetune'])
+
+    def load_vqa(model, path, config):
+        return ckpt.load_vqa_checkpoint(model, path)
+
+    def load_nlvr(model, path, config):
+        return ckpt.load_nlvr_checkpoint(model, path, config['nlvr_momentum_init'])
+
+    def load_ve(model, path, config):
+        return ckpt.load_ve_checkpoint(model, path)
+
+    def load_ta(model, path, config):
+        return ckpt.load_ta_checkpoint(model, path)
+
+    retrieval = TaskSpec(model_retrieval.ALBEF, load_retrieval)
+    return {'pretrain': TaskSpec(model_pretrain.ALBEF, load_pretrain),
+            'retrieval': retrieval,
+            'grounding': retrieval,
+            'vqa': TaskSpec(model_vqa.ALBEF, load_vqa),
+            'nlvr': TaskSpec(model_nlvr.ALBEF, load_nlvr),
+            've': TaskSpec(model_ve.ALBEF, load_ve),
+            'pretrain_nlvr': TaskSpec(model_pretrain_nlvr.ALBEF, load_ta)}
+
+
+register_family('albef', _albef_tasks())
