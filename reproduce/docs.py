@@ -188,8 +188,13 @@ def render(table):
         out += ['(not generated yet)', '']
     out += ['## Example picture of a run', '']
     if os.path.isfile(EXAMPLE_PICTURE):
-        out += ['Two tiny synthetic pretraining runs (`python -m reproduce plot runs/lr3e-4 runs/lr1e-3 --out '
-                'docs/run_synthetic.png`):', '', '![curves of two tiny synthetic runs](run_synthetic.png)', '']
+        out += ['Two tiny pretraining runs on the synthetic world at two learning rates (`Pretrain.py --config '
+                'configs/Pretrain_synthetic.yaml` with `--opt max_steps_per_epoch=8 --opt schedular.epochs=3 --opt '
+                'log_every=1 --opt optimizer.lr=3e-4` or `1e-3`, on CPU), drawn with `python -m reproduce plot '
+                'runs/lr3e-4 runs/lr1e-3 --labels "lr 3e-4" "lr 1e-3" --dpi 60 --out docs/run_synthetic.png`. '
+                'Step panels come from `train_steps.jsonl` (x = epoch + fraction of its steps), the zero-shot '
+                'panels from `log.txt` (epoch -1 = before training). CUDA runs add a peak-memory panel.', '',
+                '![curves of two tiny synthetic runs](run_synthetic.png)', '']
     else:
         out += ['(not generated yet)', '']
     return '\n'.join(out)
