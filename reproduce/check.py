@@ -120,6 +120,7 @@ class CheckResult:
     files: int = 0
     images_checked: int = 0
     images_total: int = 0
+    images_skipped: bool = False
     checkpoint: str = ''
 
     def problem(self, where, what, fix=''):
@@ -138,10 +139,11 @@ class CheckResult:
 
 
 REDOWNLOAD = 're-download or re-extract it from the ALBEF annotation release (data.tar.gz / json_pretrain.zip)'
+REGENERATE = 'regenerate the synthetic world (python -m synthetic.world --root DIR)'
 
 
 # ---- annotation files -------------------------------------------------------------------------------------------
-def read_annotation(path, fmt, result):
+def read_annotation(path, fmt, result, refetch=REDOWNLOAD):
     """Load one file; returns the data or None after recording why it cannot be used."""
     if not os.path.isfile(path):
         result.problem(path, 'file not found', f'put the file there ({FORMAT_HELP.get(fmt, fmt)}), or pass the '
@@ -165,14 +167,14 @@ def read_annotation(path, fmt, result):
             data = json.load(f)
     except json.JSONDecodeError as e:
         result.problem(path, f'not valid JSON at line {e.lineno} column {e.colno} ({e.msg}): truncated or corrupt',
-                       REDOWNLOAD)
+                       refetch)
         return None
     except UnicodeDecodeError as e:
-        result.problem(path, f'not UTF-8 text ({e}); is it an archive or an image?', REDOWNLOAD)
+        result.problem(path, f'not UTF-8 text ({e}); is it an archive or an image?', refetch)
         return None
     if fmt in ('coco_instances', 'detections'):
         if not isinstance(data, dict):
-            result.problem(path, f'holds a JSON {type(data).__name__}, expected {FORMAT_HELP[fmt]}', REDOWNLOAD)
+            result.problem(path, f'holds a JSON {type(data).__name__}, expected {FORMAT_HELP[fmt]}', refetch)
             return None
         if fmt == 'coco_instances' and not {'images', 'annotations'} <= set(data):
             result.problem(path, f'lacks "images"/"annotations" (has {sorted(data)[:5]})',
@@ -181,11 +183,11 @@ def read_annotation(path, fmt, result):
         return data
     if not isinstance(data, list):
         result.problem(path, f'holds a JSON {type(data).__name__}, expected a list of {FORMAT_HELP.get(fmt, fmt)}',
-                       REDOWNLOAD)
+                       refetch)
         return None
     if fmt == 'answer_list':
         if not _is_str_list(data):
-            result.problem(path, 'is not a list of strings', REDOWNLOAD)
+            result.problem(path, 'is not a list of strings', refetch)
             return None
         return data
     bad = []
@@ -204,7 +206,7 @@ def read_annotation(path, fmt, result):
     if bad:
         shown = '; '.join(f'item {i}: {why}' for i, why in bad[:3])
         result.problem(path, f'{len(bad)} of {len(data)} items do not have the {fmt} format {FORMAT_HELP[fmt]} '
-                             f'({shown})', f'is this the right file for this key? otherwise {REDOWNLOAD}')
+                             f'({shown})', f'is this the right file for this key? otherwise {refetch}')
         return None
     return data
 
@@ -246,8 +248,7 @@ def check_counts(entry, data, path, data_root, result):
                            f'use the split of the ALBEF annotation release; {REDOWNLOAD}')
         elif source == 'manifest':
             result.problem(path, what + ' (from manifest.json of the synthetic world)',
-                           'the file was changed after generation: regenerate the world '
-                           '(python -m synthetic.world --root DIR)')
+                           f'the file was changed after generation: {REGENERATE}')
         else:
             result.warning(path, what + ' (public statistics of the dataset, not confirmed against the ALBEF '
                                         'annotation release)', 'check that this is the split you intend to use')
@@ -336,7 +337,7 @@ def load_state_dict_weights_only(path):
     return unwrap_state_dict(obj, path)
 
 
-def check_checkpoint(path, expected_layout, result, released=None, keys=(), trust=False):
+def check_checkpoint(path, expected_layout, result, released=None, keys=(), trust=False, task_layout=None):
     """Readable, of the expected layout and (for a released file) with the released number of keys."""
     result.checkpoint = path
     if not os.path.isfile(path):
@@ -363,9 +364,10 @@ def check_checkpoint(path, expected_layout, result, released=None, keys=(), trus
     layout = checkpoint_layout(sd)
     if layout != expected_layout:
         result.problem(path, f'is {LAYOUT_HELP[layout]}, but this step expects {LAYOUT_HELP[expected_layout]}',
-                       f'pass {released or "a checkpoint of that layout"} with --checkpoint'
-                       + (' (or drop --evaluate / add it: evaluation starts from a fine-tuned file, training from '
-                          'a pretraining file)' if {layout, expected_layout} & {'pretrain'} else ''))
+                       f'pass {released or "a checkpoint of that layout"} with --checkpoint' + (
+                           '; to fine-tune from this pretraining file, drop --evaluate' if layout == 'pretrain' else
+                           '; to evaluate this fine-tuned file, add --evaluate' if expected_layout == 'pretrain'
+                           and layout == task_layout else ''))
         return
     if layout == 'pretrain' and not has_momentum_keys(sd):
         result.warning(path, 'a pretraining checkpoint without momentum weights (*_m.*)',
@@ -403,7 +405,8 @@ def check_cell(table, cell, data_root, mode='train', checkpoint=None, images='al
         for entry in dataset.get('files') or []:
             path = os.path.normpath(os.path.join(data_root, entry['path']))
             result.files += 1
-            data = read_annotation(path, entry['format'], result)
+            refetch = REGENERATE if entry.get('expect') == 'manifest' else REDOWNLOAD
+            data = read_annotation(path, entry['format'], result, refetch)
             if data is None:
                 continue
             check_counts(entry, data, path, data_root, result)
@@ -417,6 +420,7 @@ def check_cell(table, cell, data_root, mode='train', checkpoint=None, images='al
                         continue
                     root = roots.get(root_key, '')
                     image_refs_all.append((os.path.join(root, rel) if root else rel, path))
+    result.images_skipped = images == 0
     if images != 0 and image_refs_all:
         check_images(image_refs_all, None if images == 'all' else int(images), seed, result, progress)
     # the starting checkpoint(s): every step whose input is a released or user-given file
@@ -439,7 +443,7 @@ def check_cell(table, cell, data_root, mode='train', checkpoint=None, images='al
                 result.problem(f'{cell.id} ({mode})', f'no released {role} checkpoint for this cell{note}',
                                'pass your file with --checkpoint')
             continue
-        check_checkpoint(path, expected, result, released, keys, trust)
+        check_checkpoint(path, expected, result, released, keys, trust, TASK_LAYOUT[cell.task])
     return result
 
 
@@ -447,8 +451,8 @@ def print_result(cell, mode, data_root, result):
     for finding in result.findings:
         print(finding)
     n_problems, n_warnings = len(result.problems), len(result.findings) - len(result.problems)
-    images = (f'{result.images_checked} of {result.images_total} images' if result.images_total
-              else 'no images')
+    images = ('images not checked (--images 0)' if result.images_skipped else
+              f'{result.images_checked} of {result.images_total} images' if result.images_total else 'no images')
     status = 'OK' if result.ok else f'{n_problems} problem(s)'
     print(f'{status}: {cell.id} ({mode}) under {data_root}: {result.files} annotation files, {images}'
           + (f', checkpoint {result.checkpoint}' if result.checkpoint else '')
