@@ -79,6 +79,10 @@ def rows_for_run(table, arg):
     record_path = os.path.join(out, RUN_RECORD)
     record = read_json(record_path) if os.path.isfile(record_path) else {}
     metrics_path = os.path.join(out, 'metrics.json')
+    failed = [code for code in record.get('returncodes', []) if code]
+    if failed:
+        return [Row(cell_id or record.get('cell', '?'), None, None, None, 'failed', out, record.get('mode', '?'),
+                    f'a step exited with status {failed[0]}; its output is above the failure line of the run log')]
     if not os.path.isfile(metrics_path):
         return [Row(cell_id or record.get('cell', '?'), None, None, None, 'missing', out, record.get('mode', '?'),
                     'no metrics.json (the run has not finished, or failed: see its log)')]

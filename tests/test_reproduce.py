@@ -287,6 +287,10 @@ def test_report_converts_units_and_judges_each_number(table, tmp_path):
     assert rows['retrieval.coco.ft.14M.tr_r1'].verdict == 'within'
     assert rows['retrieval.coco.ft.14M.tr_r5'].verdict == 'missing'
     assert rows['?'].verdict == 'missing'
+    # a failed run is not read, even when an older metrics.json is still there
+    (tmp_path / 'flickr' / 'reproduce.json').write_text(json.dumps({'cell': 'retrieval.flickr.ft.14M',
+                                                                    'mode': 'evaluate', 'returncodes': [1]}))
+    assert [r.verdict for r in collect(table, [flickr])] == ['failed']
     md = markdown(list(rows.values()))
     assert '| retrieval.flickr.ft.14M.ir_r1 | 84.90 | 85.60 | -0.70 | ±0.5 | OUTSIDE |' in md
     assert '| nlvr2.4M.dev | 80.31 | 80.24 | +0.07 | ±1.5 | within |' in md
