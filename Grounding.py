@@ -8,43 +8,36 @@ Evaluate:   python Grounding.py --config configs/Grounding.yaml --checkpoint ref
             [--gradcam_mode itm|itc] [--block_num 8]
 Several GPUs: torchrun --nproc_per_node=8 Grounding.py ...
 """
-import os
-
 import engine
 import utils
 from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
+from engine.tasks import fit_retrieval_model
 from evaluation.grounding import compute_gradcams, grounding_accuracy, random_proposal_accuracy
 from evaluation.refer import RefCOCO, load_detections
-from models.checkpoint import load_retrieval_checkpoint
-from models.model_retrieval import ALBEF
 from models.tokenization import build_tokenizer
-from Retrieval import fit_retrieval_model
 
 SELECT_KEY = 'val_d'
 
 
 def build_loaders(config, tokenizer, args, splits):
-    """Training loader and the val+test loader, split across ranks without padding (every item scored once)."""
-    world, rank = utils.get_world_size(), utils.get_rank()
-    workers = config.get('num_workers', 4)
-    static = static_shape_options(config)  # text bucketed to multiples of 8 under compile: true (spec 16.5)
+    """Seeded training loader and sampler, and the val+test loader split across ranks without padding."""
+    static = static_shape_options(config)  # text bucketed to multiples of 8 under compile: true
     train, sampler = None, None
     if not args.evaluate:
-        sampler = create_sampler([splits.train], [True], world, rank)[0] if args.distributed else None
         collate = build_collate_fn('grounding', tokenizer, train=True, **static)
-        train = create_loader([splits.train], [sampler], [config['batch_size']], [workers], [True], [collate],
-                              seed=args.seed + rank)[0]
+        train, sampler = engine.train_loader(splits.train, config, args, collate, config['batch_size'])
+    world, rank = utils.get_world_size(), utils.get_rank()
     test_sampler = create_sampler([splits.test], [False], world, rank)[0] if args.distributed else None
-    test = create_loader([splits.test], [test_sampler], [config['batch_size']], [workers], [False],
-                         [build_collate_fn('grounding', tokenizer, train=False, **static)])[0]
+    test = create_loader([splits.test], [test_sampler], [config['batch_size']], [config.get('num_workers', 4)],
+                         [False], [build_collate_fn('grounding', tokenizer, train=False, **static)])[0]
     return train, sampler, test
 
 
 def make_evaluate(config, device, loader, refer, dets):
     """evaluate_fn(model, epoch) -> {val_d, testA_d, testB_d, no_positive_score, n_*} over the test loader."""
     def evaluate(model, epoch):
-        results = engine.gather_objects(compute_gradcams(model, loader, device, config['gradcam_mode'],
-                                                         config['gradcam_block']))
+        results = utils.gather_objects(compute_gradcams(model, loader, device, config['gradcam_mode'],
+                                                        config['gradcam_block']))
         metrics = grounding_accuracy(results, refer, dets)
         print(f'grounding (epoch {epoch}, {config["gradcam_mode"]} Grad-CAM, block {config["gradcam_block"]}): '
               + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items()))
@@ -52,13 +45,11 @@ def make_evaluate(config, device, loader, refer, dets):
     return evaluate
 
 
-def write_metrics(args, config, metrics, epoch, chance):
-    """output_dir/metrics.json: accuracies with the Grad-CAM settings and the random-proposal chance level."""
-    if utils.is_main_process():
-        summary = {'checkpoint': args.checkpoint, 'config': args.config, 'evaluate_only': bool(args.evaluate),
-                   'epoch': epoch, 'image_res': config['image_res'], 'gradcam_mode': config['gradcam_mode'],
-                   'gradcam_block': config['gradcam_block'], 'accuracy': metrics, 'random_proposal': chance}
-        utils.atomic_write_json(summary, os.path.join(args.output_dir, 'metrics.json'))
+def write_metrics(args, config, metrics, epoch, chance, selected_by=None):
+    """metrics.json: accuracies with the Grad-CAM settings and the random-proposal chance level."""
+    engine.write_metrics(args, config, 'grounding', metrics, epoch=epoch, selected_by=selected_by,
+                         image_res=config['image_res'], gradcam_mode=config['gradcam_mode'],
+                         gradcam_block=config['gradcam_block'], accuracy=metrics, random_proposal=chance)
 
 
 def main(args):
@@ -75,22 +66,15 @@ def main(args):
     chance = random_proposal_accuracy([ann['ref_id'] for ann in splits.test.ann], refer, dets)
     print('random-proposal accuracy: ' + ', '.join(f'{k} {v:.4f}' for k, v in chance.items()))
 
-    text_weights = None if (args.checkpoint or args.resume) else args.text_encoder
-    model = ALBEF(config=config, text_encoder=text_weights, with_momentum=not args.evaluate)
-    if args.checkpoint and args.resume is None:
-        load_retrieval_checkpoint(model, args.checkpoint, reset_queues=config['reset_queues_on_finetune'])
-    model = model.to(device)
+    model = engine.build_task_model(config, 'grounding', args, text_encoder=engine.text_weights(args),
+                                    with_momentum=not args.evaluate).to(device)
     evaluate = make_evaluate(config, device, test_loader, refer, dets)
-
     if args.evaluate:
         write_metrics(args, config, engine.evaluate_only(args, model, evaluate), 0, chance)
-        engine.destroy()
-        return
-
-    best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY, config['batch_size'])
-    if best is not None:
-        accuracy = {k: v for k, v in best.items() if not k.startswith('train_') and k != 'epoch'}
-        write_metrics(args, config, accuracy, best['epoch'], chance)
+    else:
+        best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
+                                   config['batch_size']).reported
+        write_metrics(args, config, engine.eval_metrics(best), best['epoch'], chance, selected_by=SELECT_KEY)
     engine.destroy()
 
 

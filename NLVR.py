@@ -10,9 +10,8 @@ The checkpoint with the best dev accuracy is output_dir/checkpoint_best.pth; its
 import torch
 
 import engine
-from evaluation import classification
-from models.checkpoint import load_nlvr_checkpoint
-from models.model_nlvr import ALBEF
+from engine.tasks import classification_loaders, classification_step, report_classification
+from evaluation.classification import make_evaluate
 from models.tokenization import build_tokenizer
 
 SELECT_KEY = 'val_acc'
@@ -24,35 +23,30 @@ def pair_batch(batch):
     return torch.cat([image0, image1], dim=0), text, label
 
 
-def build_model(config, args):
-    """The NLVR2 model, started from --checkpoint (TA, NLVR2 or, via the TA rule, pretraining weights)."""
-    momentum_init = config['nlvr_momentum_init']
-    # the official momentum models start from the constructor's weights (bert-base-uncased + random layers), so
-    # BERT is loaded whenever that copy survives; otherwise every text weight comes from the checkpoint
-    starts_from_file = bool(args.checkpoint) and args.resume is None and not args.evaluate
-    keeps_initial = starts_from_file and config.get('distill', False) and momentum_init == 'before_load'
-    needs_bert = keeps_initial or not (args.checkpoint or args.resume)
-    model = ALBEF(config=config, text_encoder=args.text_encoder if needs_bert else None)
-    if args.checkpoint and args.resume is None:
-        load_nlvr_checkpoint(model, args.checkpoint, momentum_init)
-    return model
-
-
 def main(args):
     config = engine.setup(args)
     device = engine.device_of(args)
     tokenizer = build_tokenizer(args.text_encoder)
-    loaders = classification.build_loaders('nlvr', config, tokenizer, args.distributed, args.seed,
-                                           with_train=not args.evaluate)
-    model = build_model(config, args).to(device)
-    evaluate = classification.make_evaluate(pair_batch, {'val': loaders.val, 'test': loaders.test}, device,
-                                            lambda: engine.autocast(device, config['precision']))
+    loaders = classification_loaders('nlvr', config, tokenizer, args, with_train=not args.evaluate)
+    # the official momentum models start from the constructor's weights (bert-base-uncased + random layers), so
+    # BERT is read whenever that copy survives the checkpoint; otherwise every text weight comes from the checkpoint
+    keeps_initial = (bool(args.checkpoint) and args.resume is None and not args.evaluate
+                     and config.get('distill', False) and config['nlvr_momentum_init'] == 'before_load')
+    model = engine.build_task_model(config, 'nlvr', args, text_encoder=engine.text_weights(args, keeps_initial))
+    model = model.to(device)
+    evaluate = make_evaluate(pair_batch, {'val': loaders.val, 'test': loaders.test}, device,
+                             lambda: engine.autocast(device, config['precision']))
     if args.evaluate:
-        engine.print_json(engine.evaluate_only(args, model, evaluate))
+        metrics = engine.evaluate_only(args, model, evaluate)
+        engine.print_json(metrics)
+        report_classification(args, config, 'nlvr', metrics, 0, 'dev', 'test-P')
     else:
-        engine.fit(args, config, model, loaders.train, classification.make_step(pair_batch), evaluate_fn=evaluate,
-                   select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', True), train_sampler=loaders.train_sampler)
-        classification.report_best(args, SELECT_KEY, 'dev', 'test-P')
+        result = engine.fit(args, config, model, loaders.train, classification_step(pair_batch), evaluate_fn=evaluate,
+                            select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', True),
+                            train_sampler=loaders.train_sampler)
+        best = result.reported
+        report_classification(args, config, 'nlvr', engine.eval_metrics(best), best['epoch'], 'dev', 'test-P',
+                              selected_by=SELECT_KEY)
     engine.destroy()
 
 

@@ -7,32 +7,18 @@ From shards:   add --opt train_shards=data/shards (written by python -m dataset.
 """
 import os
 
-import torch
-
 import engine
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
+from dataset import build_collate_fn, create_dataset, create_loader, static_shape_options
 from evaluation.retrieval import itc_retrieval
-from models.checkpoint import load_state_dict_file
-from models.model_pretrain import ALBEF
 from models.tokenization import build_tokenizer
-from models.vit import interpolate_pos_embed
 
 
-def load_pretrained(model, path):
-    """Start from a pretraining checkpoint (strict, pos_embed resized to this resolution)."""
-    sd = dict(load_state_dict_file(path))
-    for key, vit in (('visual_encoder.pos_embed', model.visual_encoder), ('visual_encoder_m.pos_embed', model.visual_encoder_m)):
-        sd[key] = interpolate_pos_embed(sd[key], vit)
-    model.load_state_dict(sd, strict=True)
-    print(f'load checkpoint from {path}')
-
-
-def zero_shot_loader(config, args):
+def zero_shot_loader(config):
     """Loader over `val_file` (retrieval eval format) for a zero-shot ITC check, or None."""
     if not config.get('val_file'):
         return None
-    from dataset import re_eval_dataset, build_transform
+    from dataset import build_transform, re_eval_dataset
     ds = re_eval_dataset(config['val_file'], build_transform('test', config['image_res']), config.get('image_root', ''))
     return create_loader([ds], [None], [config.get('batch_size_test', 64)], [0], [False], [None])[0]
 
@@ -43,21 +29,17 @@ def main(args):
     tokenizer = build_tokenizer(args.text_encoder)
 
     train_set = create_dataset('pretrain', config).train
-    world, rank = utils.get_world_size(), utils.get_rank()
-    # a sampler even in one process: the data order is then a function of (seed, epoch), so resume is exact
-    sampler = create_sampler([train_set], [True], world, rank, seed=args.seed)[0]
     collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))
-    loader = create_loader([train_set], [sampler], [config['batch_size']], [config.get('num_workers', 4)], [True],
-                           [collate], seed=args.seed + rank)[0]
+    loader, sampler = engine.train_loader(train_set, config, args, collate, config['batch_size'])
 
+    # pretraining reads BERT (and DeiT) at construction; a --checkpoint then overwrites every weight
     init_deit = config.get('init_deit', True) and not args.checkpoint and args.resume is None
-    model = ALBEF(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer, init_deit=init_deit)
-    model.check_queue_divisible(config['batch_size'] * world)
-    if args.checkpoint and args.resume is None:
-        load_pretrained(model, args.checkpoint)
+    model = engine.build_task_model(config, 'pretrain', args, text_encoder=args.text_encoder, tokenizer=tokenizer,
+                                    init_deit=init_deit)
+    model.check_queue_divisible(config['batch_size'] * utils.get_world_size())
     model = model.to(device)
 
-    zs_loader = zero_shot_loader(config, args)
+    zs_loader = zero_shot_loader(config)
 
     def evaluate(m, epoch):
         if zs_loader is None or not utils.is_main_process():
@@ -78,10 +60,12 @@ def main(args):
         loss_mlm, loss_ita, loss_itm = m(image, text, alpha=alpha)
         return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
 
-    records = engine.fit(args, config, model, loader, step, evaluate_fn=evaluate, ramp_alpha=True,
-                         train_sampler=sampler)
+    result = engine.fit(args, config, model, loader, step, evaluate_fn=evaluate, ramp_alpha=True,
+                        train_sampler=sampler)
+    last = result.reported or {}
+    engine.write_metrics(args, config, 'pretrain', last, epoch=last.get('epoch'))
     if utils.is_main_process():
-        print_summary(records, before)
+        print_summary(result.records, before)
     engine.destroy()
 
 

@@ -8,10 +8,7 @@ Several GPUs:  torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLV
                    --checkpoint ALBEF_4M.pth --output_dir output/NLVR_pretrain
 """
 import engine
-import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
-from models.checkpoint import load_ta_checkpoint
-from models.model_pretrain_nlvr import ALBEF
+from dataset import build_collate_fn, create_dataset, static_shape_options
 from models.tokenization import build_tokenizer
 
 
@@ -22,26 +19,22 @@ def main(args):
 
     # the pretraining data, transform and text settings (truncation at 25 tokens)
     train_set = create_dataset('pretrain', config).train
-    world, rank = utils.get_world_size(), utils.get_rank()
-    sampler = create_sampler([train_set], [True], world, rank, args.seed)[0] if args.distributed else None
-    loader = create_loader([train_set], [sampler], [config['batch_size']], [config.get('num_workers', 4)], [True],
-                           [build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))],
-                           seed=args.seed + rank)[0]
+    collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))
+    loader, sampler = engine.train_loader(train_set, config, args, collate, config['batch_size'])
 
     # every text weight of the TA model comes from the pretraining checkpoint (layers >= 6 duplicated)
-    text_weights = None if (args.checkpoint or args.resume) else args.text_encoder
-    model = ALBEF(config=config, text_encoder=text_weights, tokenizer=tokenizer)
-    if args.checkpoint and args.resume is None:
-        load_ta_checkpoint(model, args.checkpoint)
-    model = model.to(device)
+    model = engine.build_task_model(config, 'pretrain_nlvr', args, text_encoder=engine.text_weights(args),
+                                    tokenizer=tokenizer).to(device)
 
     def step(m, batch, alpha):
         image, text = batch
         return {'loss_ta': m(image, text)}
 
     # vision_proj, text_proj and temp receive no gradient: DDP must tolerate unused parameters
-    engine.fit(args, config, model, loader, step, ramp_alpha=False, find_unused_parameters=True,
-               train_sampler=sampler)
+    result = engine.fit(args, config, model, loader, step, ramp_alpha=False, find_unused_parameters=True,
+                        train_sampler=sampler)
+    last = result.reported or {}
+    engine.write_metrics(args, config, 'pretrain_nlvr', last, epoch=last.get('epoch'))
     engine.destroy()
 
 

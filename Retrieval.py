@@ -6,45 +6,26 @@ Zero-shot:   python Retrieval.py --config configs/Retrieval_flickr.yaml --checkp
              (the paper's zero-shot Flickr30K: the COCO-fine-tuned model on the Flickr test set, k 128, 384 px)
 Several GPUs: torchrun --nproc_per_node=8 Retrieval.py ...
 """
-import os
-
 import engine
-import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
+from dataset import build_collate_fn, create_dataset, create_loader, static_shape_options
+from engine.tasks import fit_retrieval_model
 from evaluation.rerank import evaluate_retrieval
 from evaluation.retrieval import itm_eval
-from models.checkpoint import load_retrieval_checkpoint
-from models.model_retrieval import ALBEF
 from models.tokenization import build_tokenizer
 
 SELECT_KEY = 'val_r_mean'
 
 
 def build_loaders(config, tokenizer, args, splits):
-    """Training loader (distributed sampler when launched so) and the val/test image loaders (no sampler)."""
-    world, rank = utils.get_world_size(), utils.get_rank()
-    workers = config.get('num_workers', 4)
-    sampler = create_sampler([splits.train], [True], world, rank)[0] if args.distributed else None
-    train = None
+    """Seeded training loader and sampler, and the val/test image loaders (no sampler: every rank encodes all)."""
+    train, sampler = None, None
     if not args.evaluate:
-        train = create_loader([splits.train], [sampler], [config['batch_size_train']], [workers], [True],
-                              [build_collate_fn('re', tokenizer, train=True, **static_shape_options(config))],
-                              seed=args.seed + rank)[0]
+        collate = build_collate_fn('re', tokenizer, train=True, **static_shape_options(config))
+        train, sampler = engine.train_loader(splits.train, config, args, collate, config['batch_size_train'])
     # every rank encodes the whole evaluation set (official); the re-ranking rows are split across ranks
     val, test = create_loader([splits.val, splits.test], [None, None], [config['batch_size_test']] * 2,
-                              [workers] * 2, [False, False], [None, None])
+                              [config.get('num_workers', 4)] * 2, [False, False], [None, None])
     return train, sampler, val, test
-
-
-def build_model(config, args):
-    """Training form to fine-tune; the inference form (no momentum, no queues) for --evaluate (spec 8.6)."""
-    with_momentum = not args.evaluate
-    # BERT weights only matter without an ALBEF checkpoint (which overwrites them)
-    text_weights = None if (args.checkpoint or args.resume) else args.text_encoder
-    model = ALBEF(config=config, text_encoder=text_weights, with_momentum=with_momentum)
-    if args.checkpoint and args.resume is None:
-        load_retrieval_checkpoint(model, args.checkpoint, reset_queues=config['reset_queues_on_finetune'])
-    return model
 
 
 def make_evaluate(config, tokenizer, device, loaders):
@@ -56,7 +37,7 @@ def make_evaluate(config, tokenizer, device, loaders):
                 i2t, t2i = evaluate_retrieval(model, loader, tokenizer, device, config['k_test'],
                                               score=config['rerank_score'],
                                               method=config.get('rerank_method', 'fast'),
-                                              pair_batch=config.get('rerank_batch', 1024))
+                                              pair_batch=config.get('rerank_batch'))
             result = itm_eval(i2t, t2i, loader.dataset.txt2img, loader.dataset.img2txt)
             metrics.update({f'{split}_{k}': round(float(v), 4) for k, v in result.items()})
             print(f'{split} (epoch {epoch}): ' + ', '.join(f'{k} {float(v):.2f}' for k, v in result.items()))
@@ -64,16 +45,13 @@ def make_evaluate(config, tokenizer, device, loaders):
     return evaluate
 
 
-def write_metrics(args, config, metrics, epoch):
-    """output_dir/metrics.json: the reported numbers with everything that defines the protocol (spec 12.2)."""
-    if not utils.is_main_process():
-        return
-    summary = {'checkpoint': args.checkpoint, 'config': args.config, 'evaluate_only': bool(args.evaluate),
-               'epoch': epoch, 'image_res': config['image_res'], 'k_test': config['k_test'],
-               'rerank_score': config['rerank_score'], 'rerank_method': config.get('rerank_method', 'fast'),
-               'val': {k[4:]: v for k, v in metrics.items() if k.startswith('val_')},
-               'test': {k[5:]: v for k, v in metrics.items() if k.startswith('test_')}}
-    utils.atomic_write_json(summary, os.path.join(args.output_dir, 'metrics.json'))
+def write_metrics(args, config, metrics, epoch, selected_by=None):
+    """metrics.json: the reported numbers with everything that defines the protocol."""
+    engine.write_metrics(args, config, 'retrieval', metrics, epoch=epoch, selected_by=selected_by,
+                         image_res=config['image_res'], k_test=config['k_test'], rerank_score=config['rerank_score'],
+                         rerank_method=config.get('rerank_method', 'fast'),
+                         val={k[4:]: v for k, v in metrics.items() if k.startswith('val_')},
+                         test={k[5:]: v for k, v in metrics.items() if k.startswith('test_')})
 
 
 def main(args):
@@ -82,34 +60,18 @@ def main(args):
     tokenizer = build_tokenizer(args.text_encoder)
     splits = create_dataset('re', config)
     train_loader, sampler, val_loader, test_loader = build_loaders(config, tokenizer, args, splits)
-    model = build_model(config, args).to(device)
+    # the inference form (no momentum encoders, no queues) for --evaluate: the layout of the released files
+    model = engine.build_task_model(config, 'retrieval', args, text_encoder=engine.text_weights(args),
+                                    with_momentum=not args.evaluate).to(device)
     evaluate = make_evaluate(config, tokenizer, device, {'val': val_loader, 'test': test_loader})
 
     if args.evaluate:
         write_metrics(args, config, engine.evaluate_only(args, model, evaluate), 0)
-        engine.destroy()
-        return
-
-    best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
-                               config['batch_size_train'])
-    if best is not None:
-        write_metrics(args, config, best, best['epoch'])
+    else:
+        best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
+                                   config['batch_size_train']).reported
+        write_metrics(args, config, engine.eval_metrics(best), best['epoch'], selected_by=SELECT_KEY)
     engine.destroy()
-
-
-def retrieval_step(model, batch, alpha):
-    """One ITC + ITM step of the retrieval model on an (image, text, idx) batch."""
-    image, text, idx = batch
-    loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
-    return {'loss_ita': loss_ita, 'loss_itm': loss_itm}
-
-
-def fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, select_key, batch_size):
-    """Fine-tune the retrieval model (also Grounding.py's) with engine.fit; returns the best logged record or None."""
-    model.check_queue_divisible(batch_size * utils.get_world_size())
-    engine.fit(args, config, model, train_loader, retrieval_step, evaluate_fn=evaluate, select_key=select_key,
-               ramp_alpha=config.get('warm_up', True), train_sampler=sampler)
-    return engine.best_logged_record(args.output_dir, select_key)
 
 
 def parser():

@@ -7,9 +7,8 @@ Evaluate only: python VE.py --config configs/VE.yaml --checkpoint output/VE/chec
 The checkpoint with the best val accuracy is output_dir/checkpoint_best.pth; its test accuracy is the reported one.
 """
 import engine
-from evaluation import classification
-from models.checkpoint import load_ve_checkpoint
-from models.model_ve import ALBEF
+from engine.tasks import classification_loaders, classification_step, report_classification
+from evaluation.classification import make_evaluate
 from models.tokenization import build_tokenizer
 
 SELECT_KEY = 'val_acc'
@@ -24,23 +23,22 @@ def main(args):
     config = engine.setup(args)
     device = engine.device_of(args)
     tokenizer = build_tokenizer(args.text_encoder)
-    loaders = classification.build_loaders('ve', config, tokenizer, args.distributed, args.seed,
-                                           with_train=not args.evaluate)
-    # with an ALBEF checkpoint every text weight comes from it, so BERT is only read without one
-    text_weights = None if (args.checkpoint or args.resume) else args.text_encoder
-    model = ALBEF(config=config, text_encoder=text_weights)
-    if args.checkpoint and args.resume is None:
-        load_ve_checkpoint(model, args.checkpoint)
-    model = model.to(device)
-    evaluate = classification.make_evaluate(ve_batch, {'val': loaders.val, 'test': loaders.test}, device,
-                                            lambda: engine.autocast(device, config['precision']))
+    loaders = classification_loaders('ve', config, tokenizer, args, with_train=not args.evaluate)
+    model = engine.build_task_model(config, 've', args, text_encoder=engine.text_weights(args)).to(device)
+    evaluate = make_evaluate(ve_batch, {'val': loaders.val, 'test': loaders.test}, device,
+                             lambda: engine.autocast(device, config['precision']))
     if args.evaluate:
-        engine.print_json(engine.evaluate_only(args, model, evaluate))
+        metrics = engine.evaluate_only(args, model, evaluate)
+        engine.print_json(metrics)
+        report_classification(args, config, 've', metrics, 0, 'val', 'test')
     else:
-        # SNLI-VE's official config has warm_up: False, so alpha is 0.4 from the first step (spec 14 #21)
-        engine.fit(args, config, model, loaders.train, classification.make_step(ve_batch), evaluate_fn=evaluate,
-                   select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', False), train_sampler=loaders.train_sampler)
-        classification.report_best(args, SELECT_KEY, 'val', 'test')
+        # SNLI-VE's official config has warm_up: False, so alpha is 0.4 from the first step (docs/QUIRKS.md)
+        result = engine.fit(args, config, model, loaders.train, classification_step(ve_batch), evaluate_fn=evaluate,
+                            select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', False),
+                            train_sampler=loaders.train_sampler)
+        best = result.reported
+        report_classification(args, config, 've', engine.eval_metrics(best), best['epoch'], 'val', 'test',
+                              selected_by=SELECT_KEY)
     engine.destroy()
 
 

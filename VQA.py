@@ -12,25 +12,23 @@ import engine
 import utils
 from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 from evaluation.vqa_eval import check_results, dedup_results, ground_truth_answers, predict_answers, score_results
-from models.checkpoint import load_vqa_checkpoint
-from models.model_vqa import ALBEF
 from models.tokenization import build_tokenizer
 
 
 def build_loaders(config, tokenizer, args):
-    """(train loader or None in --evaluate, test loader, train sampler); the test sampler never pads."""
+    """(seeded train loader or None in --evaluate, its sampler, test loader); the test sampler never pads."""
     splits = create_dataset('vqa', config)
-    train_set = None if args.evaluate else splits.train
+    static = static_shape_options(config)
+    train, sampler = None, None
+    if not args.evaluate:
+        train, sampler = engine.train_loader(splits.train, config, args,
+                                             build_collate_fn('vqa', tokenizer, train=True, **static),
+                                             config['batch_size_train'])
     world, rank = utils.get_world_size(), utils.get_rank()
-    samplers = create_sampler([train_set, splits.test], [True, False], world, rank, seed=args.seed) \
-        if args.distributed else [None, None]
-    workers = config.get('num_workers', 4)
-    loaders = create_loader([train_set, splits.test], samplers, [config['batch_size_train'], config['batch_size_test']],
-                            [workers, workers], [True, False],
-                            [build_collate_fn('vqa', tokenizer, train=True, **static_shape_options(config)),
-                             build_collate_fn('vqa', tokenizer, train=False, **static_shape_options(config))],
-                            seed=args.seed + rank)
-    return loaders[0], loaders[1], samplers[0]
+    test_sampler = create_sampler([splits.test], [False], world, rank)[0] if args.distributed else None
+    test = create_loader([splits.test], [test_sampler], [config['batch_size_test']], [config.get('num_workers', 4)],
+                         [False], [build_collate_fn('vqa', tokenizer, train=False, **static)])[0]
+    return train, sampler, test
 
 
 def train_step(model, batch, alpha):
@@ -63,21 +61,19 @@ def main(args):
     config = engine.setup(args)
     device = engine.device_of(args)
     tokenizer = build_tokenizer(args.text_encoder)
-    train_loader, test_loader, train_sampler = build_loaders(config, tokenizer, args)
-
+    train_loader, train_sampler, test_loader = build_loaders(config, tokenizer, args)
     # every BERT weight is overwritten by an ALBEF checkpoint, so bert-base-uncased is read only without one
-    bert = (None, None) if args.checkpoint or args.resume is not None else (args.text_encoder, args.text_decoder)
-    model = ALBEF(config=config, text_encoder=bert[0], text_decoder=bert[1], tokenizer=tokenizer)
-    if args.checkpoint and args.resume is None:
-        load_vqa_checkpoint(model, args.checkpoint)
-    model = model.to(device)
-
+    decoder = (args.text_decoder or args.text_encoder) if engine.text_weights(args) else None
+    model = engine.build_task_model(config, 'vqa', args, text_encoder=engine.text_weights(args),
+                                    text_decoder=decoder, tokenizer=tokenizer).to(device)
     epoch = 0
     if not args.evaluate:
-        engine.fit(args, config, model, train_loader, train_step, ramp_alpha=config.get('warm_up', True),
-                   train_sampler=train_sampler)
-        epoch = int(config['schedular']['epochs']) - 1
-    engine.print_json(predict_and_save(model, test_loader, tokenizer, config, args, epoch))
+        result = engine.fit(args, config, model, train_loader, train_step, ramp_alpha=config.get('warm_up', True),
+                            train_sampler=train_sampler)
+        epoch = result.last['epoch'] if result.last else int(config['schedular']['epochs']) - 1
+    record = predict_and_save(model, test_loader, tokenizer, config, args, epoch)
+    engine.print_json(record)
+    engine.write_metrics(args, config, 'vqa', record, epoch=epoch, result_file=record.get('result_file'))
     engine.destroy()
 
 
@@ -85,8 +81,9 @@ def parser():
     """The official VQA arguments: the common ones plus --evaluate and --text_decoder."""
     p = engine.base_parser('ALBEF VQA fine-tuning', 'configs/VQA.yaml', 'output/vqa')
     p.add_argument('--evaluate', action='store_true', help='only predict the test split from --checkpoint')
-    p.add_argument('--text_decoder', default='bert-base-uncased',
-                   help="BERT weights for the answer decoder when no --checkpoint is given; 'none' = random init")
+    p.add_argument('--text_decoder', default=None,
+                   help="BERT weights for the answer decoder when no --checkpoint is given; 'none' = random init "
+                        "(default: the text encoder's, bert-base-uncased in the official recipe)")
     return p
 
 

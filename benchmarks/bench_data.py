@@ -21,7 +21,7 @@ from dataset import create_dataset  # noqa: E402
 from dataset.collate import build_collate_fn  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
 from synthetic.world import generate  # noqa: E402
-from utils import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
 
 
 def items_per_second(fn, n):

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import autocast  # noqa: E402
 from models.model_pretrain import ALBEF, resolve_speed_mode  # noqa: E402
 from optim import create_optimizer  # noqa: E402
-from utils import load_bert_config, load_config  # noqa: E402
+from engine.config import load_bert_config, load_config  # noqa: E402
 
 TEXT_LEN = 25
 # Dense peak TFLOP/s (bf16, tf32) from the vendors' data sheets (SXM parts).

@@ -27,7 +27,7 @@ from engine import autocast  # noqa: E402
 from models.model_pretrain import ALBEF, resolve_speed_mode  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
-from utils import load_config  # noqa: E402
+from engine.config import load_config  # noqa: E402
 
 NAMES = ('mlm', 'ita', 'itm')
 

@@ -38,7 +38,7 @@ from models.speed import apply_speed_options, resolve_speed_mode  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
 from synthetic.world import generate  # noqa: E402
-from utils import load_bert_config, load_config  # noqa: E402
+from engine.config import load_bert_config, load_config  # noqa: E402
 
 
 def lockstep_batches(config, tokenizer, batch, steps, device):

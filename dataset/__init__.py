@@ -50,9 +50,20 @@ def _require(config, key: str, task: str):
     return config[key]
 
 
+def _fixes(config) -> bool:
+    """The `randaugment_fixes` switch (docs/QUIRKS.md): the intended AutoContrast and Sharpness instead of the official."""
+    return bool(config.get("randaugment_fixes", False))
+
+
+def _train_test_transforms(config):
+    """The fine-tuning training transform (random crop, flip, RandomAugment) and the test transform."""
+    train = build_transform("train", config["image_res"], config.get("crop_min_scale"), _fixes(config))
+    return train, build_transform("test", config["image_res"])
+
+
 def _pretrain_splits(config, skip: bool) -> DatasetSplits:
     """Pretraining (and TA pretraining) image-caption pairs: WebDataset shards when `train_shards` is set."""
-    transform = build_transform("pretrain", config["image_res"], config.get("crop_min_scale"))
+    transform = build_transform("pretrain", config["image_res"], config.get("crop_min_scale"), _fixes(config))
     if config.get("train_shards"):
         train = ShardedPretrainDataset(
             config["train_shards"], transform, _require(config, "batch_size", "pretrain"),
@@ -69,7 +80,7 @@ def _pretrain_splits(config, skip: bool) -> DatasetSplits:
 def _retrieval_splits(config, skip: bool) -> DatasetSplits:
     """COCO / Flickr30K retrieval: caption-level train set, image-level val and test sets."""
     root = _require(config, "image_root", "re")
-    train_tf, test_tf = build_transform("train", config["image_res"], config.get("crop_min_scale")), build_transform("test", config["image_res"])
+    train_tf, test_tf = _train_test_transforms(config)
     return DatasetSplits(
         re_train_dataset(_require(config, "train_file", "re"), train_tf, root, skip_bad_images=skip),
         re_eval_dataset(_require(config, "val_file", "re"), test_tf, root, skip_bad_images=skip),
@@ -81,7 +92,7 @@ def _vqa_splits(config, skip: bool) -> DatasetSplits:
     """VQA v2 + VG-QA training set and the VQA test set with its answer list."""
     vqa_root, vg_root = _require(config, "vqa_root", "vqa"), _require(config, "vg_root", "vqa")
     eos = config.get("eos", "[SEP]")
-    train_tf, test_tf = build_transform("train", config["image_res"], config.get("crop_min_scale")), build_transform("test", config["image_res"])
+    train_tf, test_tf = _train_test_transforms(config)
     train_file, test_file = _require(config, "train_file", "vqa"), _require(config, "test_file", "vqa")
     answer_list = _require(config, "answer_list", "vqa")
     train = vqa_dataset(train_file, train_tf, vqa_root, vg_root, eos=eos, split="train", skip_bad_images=skip)
@@ -94,7 +105,7 @@ def _vqa_splits(config, skip: bool) -> DatasetSplits:
 def _three_split(dataset_class, task: str, config, skip: bool) -> DatasetSplits:
     """NLVR2 / SNLI-VE: train, val and test files under one image_root."""
     root = _require(config, "image_root", task)
-    train_tf, test_tf = build_transform("train", config["image_res"], config.get("crop_min_scale")), build_transform("test", config["image_res"])
+    train_tf, test_tf = _train_test_transforms(config)
     return DatasetSplits(
         dataset_class(_require(config, "train_file", task), train_tf, root, skip_bad_images=skip),
         dataset_class(_require(config, "val_file", task), test_tf, root, skip_bad_images=skip),
@@ -105,7 +116,7 @@ def _three_split(dataset_class, task: str, config, skip: bool) -> DatasetSplits:
 def _grounding_splits(config, skip: bool) -> DatasetSplits:
     """RefCOCO+ training expressions and the concatenated val + test files."""
     root = _require(config, "image_root", "grounding")
-    train_tf = build_transform("grounding_train", config["image_res"])
+    train_tf = build_transform("grounding_train", config["image_res"], randaugment_fixes=_fixes(config))
     test_tf = build_transform("test", config["image_res"])
     train_file, test_file = _require(config, "train_file", "grounding"), _require(config, "test_file", "grounding")
     train = grounding_dataset(train_file, train_tf, root, mode="train", skip_bad_images=skip)

@@ -30,10 +30,10 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+import utils
 from dataset.image_io import ImageLoadError
 from dataset.text import pre_caption
 
@@ -184,12 +184,6 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 # ---- the dataset ---------------------------------------------------------------------------------------------------
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class ShardedPretrainDataset(IterableDataset):
     """Pretraining (image, caption) batches read from WebDataset shards; yields lists of batch_size samples.
 
@@ -216,14 +210,14 @@ class ShardedPretrainDataset(IterableDataset):
         self.skip_bad_images = bool(skip_bad_images)
         self.num_skipped = 0
         self.seed, self.epoch, self.start_step = int(seed), 0, 0
-        self.rank, self.world_size = _rank_world()
+        self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
 
     def set_position(self, epoch: int, start_step: int = 0, seed=None) -> None:
         """Read epoch `epoch` from batch `start_step` on; call in the main process before making the iterator."""
         self.epoch, self.start_step = int(epoch), int(start_step)
         if seed is not None:
             self.seed = int(seed)
-        self.rank, self.world_size = _rank_world()
+        self.rank, self.world_size = utils.get_rank(), utils.get_world_size()
 
     def __len__(self) -> int:
         steps = self.epoch_samples // (self.world_size * self.batch_size)

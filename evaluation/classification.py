@@ -1,63 +1,15 @@
-"""Classification fine-tuning shared by NLVR.py and VE.py: loaders, the training step and exact accuracy (spec 12.4).
+"""Exact classification accuracy for NLVR2 and SNLI-VE evaluation.
 
-Accuracy counts every evaluation sample exactly once. The loaders built here give each rank a strided share
+Accuracy counts every evaluation sample exactly once. The evaluation loaders (engine/tasks.py) give each rank a strided share
 without padding (`UnpaddedDistributedSampler`); with any torch `DistributedSampler` that pads instead, the padded
 duplicates (the local positions i with rank + i * world_size >= len(dataset)) are left out of the count. The
 official code counts those duplicates, so its multi-GPU figure can differ slightly; at one process both agree.
 """
-import os
-from typing import NamedTuple, Optional
-
 import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
-
-
-class TaskLoaders(NamedTuple):
-    """Train/val/test loaders of a classification task and the training sampler (None without a process group)."""
-
-    train: Optional[torch.utils.data.DataLoader]
-    val: torch.utils.data.DataLoader
-    test: torch.utils.data.DataLoader
-    train_sampler: Optional[DistributedSampler]
-
-
-def batch_sizes(config):
-    """(train, eval) per-GPU batch sizes: batch_size_train/batch_size_test (VE) or one batch_size (NLVR2)."""
-    train = config.get('batch_size_train', config.get('batch_size'))
-    test = config.get('batch_size_test', config.get('batch_size'))
-    if train is None or test is None:
-        raise KeyError('the config needs batch_size (NLVR2) or batch_size_train and batch_size_test (SNLI-VE)')
-    return train, test
-
-
-def build_loaders(task, config, tokenizer, distributed, seed, with_train=True):
-    """Loaders of `task` ('nlvr' or 've'): shuffled train (drop_last), exactly-once val and test."""
-    splits = create_dataset(task, config)
-    world, rank = utils.get_world_size(), utils.get_rank()
-    samplers = (create_sampler([splits.train, splits.val, splits.test], [True, False, False], world, rank, seed)
-                if distributed else [None, None, None])
-    train_bs, test_bs = batch_sizes(config)
-    workers = config.get('num_workers', 4)
-    static = static_shape_options(config)  # text bucketed to multiples of 8 under compile: true (spec 16.5)
-    collates = [build_collate_fn(task, tokenizer, train=True, **static),
-                build_collate_fn(task, tokenizer, train=False, **static),
-                build_collate_fn(task, tokenizer, train=False, **static)]
-    datasets = [splits.train if with_train else None, splits.val, splits.test]
-    train, val, test = create_loader(datasets, samplers, [train_bs, test_bs, test_bs], workers, [True, False, False],
-                                     collates, seed=seed + rank)
-    return TaskLoaders(train, val, test, samplers[0])
-
-
-def make_step(unpack):
-    """step_fn for engine.fit: `unpack(batch)` -> (image, text, label); returns {'loss': ...}."""
-    def step(model, batch, alpha):
-        image, text, label = unpack(batch)
-        return {'loss': model(image, text, label, alpha=alpha, train=True)}
-    return step
 
 
 def local_unique_count(loader):
@@ -104,16 +56,3 @@ def make_evaluate(unpack, loaders, device, autocast=None):
             print(f'{split} accuracy after epoch {epoch}: {100 * result["acc"]:.2f}% of {result["n"]} samples{note}')
         return metrics
     return evaluate
-
-
-def report_best(args, select_key, val_name, test_name):
-    """Print and save (output_dir/metrics.json) the val and test accuracy of the best-val epoch."""
-    import engine  # the training engine sits above evaluation; imported here to keep module import order simple
-    best = engine.best_logged_record(args.output_dir, select_key)
-    if best is None or not utils.is_main_process():
-        return
-    summary = {'best_epoch': best['epoch'], f'{val_name}_acc': best['val_acc'], 'test_acc': best['test_acc'],
-               'checkpoint': args.checkpoint, 'config': args.config}
-    utils.atomic_write_json(summary, os.path.join(args.output_dir, 'metrics.json'))
-    print(f'best {val_name} epoch {best["epoch"]}: {val_name} {100 * best["val_acc"]:.2f}%, '
-          f'{test_name} {100 * best["test_acc"]:.2f}%')

@@ -19,7 +19,7 @@ from evaluation.grounding import gradcam_itc, gradcam_itm
 from models.checkpoint import load_retrieval_checkpoint
 from models.model_retrieval import ALBEF
 from models.tokenization import build_tokenizer
-from utils import load_config
+from engine.config import load_config
 
 PANEL = 224      # panel width in pixels
 LABEL_HEIGHT = 22

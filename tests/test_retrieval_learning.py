@@ -17,7 +17,7 @@ import pytest
 
 import Retrieval
 from tests.helpers import REPO, make_world, opts, run_pretrain
-from utils import load_config
+from engine.config import load_config
 
 WORLD_SCALE, PRETRAIN_STEPS = 0.1, 10
 N_IMAGES, STEPS, BATCH = 8, 150, 8

@@ -176,7 +176,7 @@ def test_conversion_from_pretrain_checkpoint_matches_official(kind, tmp_path):
 
 
 def full_size_config():
-    from utils import load_config
+    from engine.config import load_config
     return load_config(os.path.join(os.path.dirname(os.path.dirname(FIXTURES)), 'configs', 'Retrieval_coco.yaml'))
 
 

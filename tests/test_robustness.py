@@ -16,7 +16,7 @@ import engine
 from dataset import create_loader, create_sampler
 from models.checkpoint import CheckpointError
 from tests import helpers
-from utils import ConfigError
+from engine.config import ConfigError
 
 CONFIG = helpers.PRETRAIN_CONFIG
 # a short CPU pretraining run on the small world, from a random ViT (no deit given: init_deit false)
@@ -143,7 +143,7 @@ def toy_fit(out, nan_calls=(), resume=None, **config):
         return {'loss': loss * float('nan') if calls[-1] in nan_calls else loss}
 
     model = torch.nn.Linear(4, 1)
-    records = engine.fit(args, {**TOY_CONFIG, **config}, model, loader, step, train_sampler=sampler)
+    records = engine.fit(args, {**TOY_CONFIG, **config}, model, loader, step, train_sampler=sampler).records
     return model, records
 
 

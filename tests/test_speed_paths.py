@@ -6,6 +6,7 @@ gradient checkpointing. Tolerances are fp32 rounding of the tiny parity model (v
 import pytest
 import torch
 
+import engine.config as engine_config
 import utils
 from dataset.collate import TextBatch, pad_to_multiple, static_shape_options
 from models.speed import SPEED_MODES, resolve_speed_mode
@@ -30,9 +31,9 @@ def test_mode_presets_and_individual_keys_override():
 
 
 def test_mode_key_is_registered_and_sets_the_model_switches():
-    assert utils.load_config('configs/Pretrain_synthetic.yaml', ['mode=fast'])['mode'] == 'fast'
+    assert engine_config.load_config('configs/Pretrain_synthetic.yaml', ['mode=fast'])['mode'] == 'fast'
     with pytest.raises(ValueError):
-        utils.validate_config({'mode': 'turbo'}, 'test')
+        engine_config.validate_config({'mode': 'turbo'}, 'test')
     fast = build_model('pretrain', REF, mode='fast')
     ref = build_model('pretrain', REF, mode='reference')
     assert (fast.ema_impl, fast.vectorized_negatives) == ('foreach', True)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import synthetic.deit as stand_in
+import engine.config as engine_config
 import utils
 from dataset.transforms import build_transform
 from models.checkpoint import CheckpointError, load_deit
@@ -38,7 +39,7 @@ def test_missing_world_names_the_file_and_the_command(tmp_path):
 def test_missing_stand_in_names_the_command(tmp_path):
     from models.model_pretrain import ALBEF
     from tests.parity_utils import StubTokenizer
-    config = utils.load_config(CONFIG, [f'deit_checkpoint={tmp_path}/absent.pth'])
+    config = engine_config.load_config(CONFIG, [f'deit_checkpoint={tmp_path}/absent.pth'])
     with pytest.raises(CheckpointError, match=r'python -m synthetic\.deit'):
         ALBEF(config=config, text_encoder=None, tokenizer=StubTokenizer(), init_deit=True)
 
@@ -47,7 +48,7 @@ def test_missing_stand_in_names_the_command(tmp_path):
 def test_stand_in_loads_as_deit_and_separates_pictures(synthetic_deit, synthetic_root):
     """The file is a DeiT checkpoint (head included, as the official one) that load_deit takes whole, and its [CLS]
     features tell the held-out test pictures' colours apart, which a randomly initialised ViT's do not."""
-    config = utils.load_config(CONFIG)
+    config = engine_config.load_config(CONFIG)
     sd = torch.load(synthetic_deit, map_location='cpu', weights_only=True)['model']
     assert sd['head.weight'].shape == (stand_in.NUM_LABELS, config['vit']['embed_dim'])
     trained = build_vit(config)

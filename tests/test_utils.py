@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import engine.config as engine_config
 import utils
-from utils import ConfigError, MetricTracker, load_config
+from engine.config import ConfigError, load_config
+from utils import MetricTracker
 
 torch.set_num_threads(1)
 
@@ -45,7 +47,7 @@ def test_quirk_defaults_are_filled_and_recorded(tmp_path):
     assert config["warmup_step_size"] == 100
     assert config["wd_exempt_extra"] == []
     assert config["precision"] == "fp32"
-    assert set(utils.QUIRK_FLAGS) <= set(config)
+    assert set(engine_config.QUIRK_FLAGS) <= set(config)
 
 
 def test_dotted_overrides_are_typed(tmp_path):
@@ -106,13 +108,13 @@ def test_relative_bert_config_resolves_against_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(_write(tmp_path, MINIMAL.replace(BERT_JSON, "configs/config_bert.json")))
     assert config["bert_config"] == BERT_JSON
-    assert utils.load_bert_config(config["bert_config"])["fusion_layer"] == 6
+    assert engine_config.load_bert_config(config["bert_config"])["fusion_layer"] == 6
 
 
 def test_inline_bert_config_is_kept(tmp_path):
     text = MINIMAL.replace(f"'{BERT_JSON}'", "{hidden_size: 64, num_hidden_layers: 2}")
     config = load_config(_write(tmp_path, text))
-    assert utils.load_bert_config(config["bert_config"]) == {"hidden_size": 64, "num_hidden_layers": 2}
+    assert engine_config.load_bert_config(config["bert_config"]) == {"hidden_size": 64, "num_hidden_layers": 2}
 
 
 def test_missing_config_file_and_non_mapping(tmp_path):
@@ -125,7 +127,7 @@ def test_missing_config_file_and_non_mapping(tmp_path):
 def test_save_config_round_trip(tmp_path):
     config = load_config(_write(tmp_path, MINIMAL), ["vqa_decoder_distill=off"])
     out = str(tmp_path / "out" / "config.yaml")
-    utils.save_config(config, out)
+    engine_config.save_config(config, out)
     assert load_config(out) == config
 
 
@@ -234,16 +236,6 @@ def test_rng_state_round_trip():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     utils.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
-
-
-def test_worker_init_fn_seeds_numpy_and_random_from_torch_seed():
-    # Inside a DataLoader worker torch.initial_seed() is base_seed + worker_id, so this is per worker and epoch.
-    torch.manual_seed(123)
-    utils.worker_init_fn(0)
-    drawn = (np.random.rand(), random.random())
-    np.random.seed(123)
-    random.seed(123)
-    assert drawn == (np.random.rand(), random.random())
 
 
 def test_metric_tracker_weighted_means():

@@ -3,7 +3,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset import TextBatch, UnpaddedDistributedSampler
-from evaluation.classification import batch_sizes, evaluate_accuracy, local_unique_count, make_step
+from engine.tasks import batch_sizes, classification_step as make_step
+from evaluation.classification import evaluate_accuracy, local_unique_count
 
 
 class Items(torch.utils.data.Dataset):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import engine.config as engine_config
 import utils
 import VQA
 from evaluation.vqa_eval import check_results, ground_truth_answers, most_common_answer_accuracy, score_results
@@ -44,7 +45,7 @@ def pretrained(request, tmp_path_factory):
 @pytest.mark.unit
 def test_synthetic_config_matches_the_pretraining_model():
     """The tiny pretrained checkpoint converts only if both configs build the same ViT and BERT."""
-    configs = [utils.load_config(os.path.join(utils.REPO_ROOT, 'configs', name))
+    configs = [engine_config.load_config(os.path.join(utils.REPO_ROOT, 'configs', name))
                for name in ('Pretrain_synthetic.yaml', 'VQA_synthetic.yaml')]
     for key in ('vit', 'bert_config', 'image_res'):
         assert configs[0][key] == configs[1][key], key

@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
+import engine.config as engine_config
 import utils
 from models.model_vqa import ALBEF, repeat_rows
 from tests.parity_utils import FIXTURES, StubTokenizer
 
 
 def full_size(distill=True):
-    config = utils.load_config(os.path.join(utils.REPO_ROOT, 'configs', 'VQA.yaml'), [f'distill={distill}'])
+    config = engine_config.load_config(os.path.join(utils.REPO_ROOT, 'configs', 'VQA.yaml'), [f'distill={distill}'])
     with torch.device('meta'):
         return ALBEF(config=config, text_encoder=None, text_decoder=None, tokenizer=StubTokenizer())
 

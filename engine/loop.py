@@ -1,0 +1,162 @@
+"""The shared training loop: one epoch of steps, and `fit`, the epochs with evaluation, logging and checkpoints.
+
+A task hands `fit` a `step_fn(model, batch, alpha) -> {loss_name: tensor}` (the losses are summed) and optionally an
+`evaluate_fn(model, epoch) -> {metric: value}`. Where a run stands (resume, checkpoints, non-finite losses) is
+`engine.checkpoints.TrainingRun`; the data position of a resumed epoch is `engine.data_position.EpochData`.
+"""
+import contextlib
+import os
+import time
+from typing import NamedTuple, Optional
+
+import torch
+from tqdm import tqdm
+
+import utils
+from engine.checkpoints import TrainingRun, resolve_resume
+from engine.data_position import CountedBatch, EpochData
+from engine.logging import StepLog
+from models.speed import resolve_speed_mode
+from optim import create_optimizer
+from scheduler import create_scheduler, epoch_start, warmup_step
+
+
+def to_device(batch, device):
+    """Move every tensor (and text batch) of a collated batch to `device`."""
+    if hasattr(batch, 'to'):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def autocast(device, precision):
+    """bf16 autocast when asked; the models keep similarities, softmaxes and losses in fp32 themselves."""
+    if precision == 'bf16':
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def alpha_at(config, epoch, i, steps_per_epoch, ramp):
+    """Distillation weight: alpha * min(1, i / steps) in epoch 0 when ramping (the paper's warm-up), else alpha."""
+    alpha = config.get('alpha', 0.4)
+    if ramp and epoch == 0 and steps_per_epoch > 0:
+        return alpha * min(1.0, i / steps_per_epoch)
+    return alpha
+
+
+def epoch_steps(loader, config):
+    """Training steps in one full epoch: len(loader), capped by max_steps_per_epoch."""
+    steps = len(loader)
+    if config.get('max_steps_per_epoch'):
+        steps = min(steps, int(config['max_steps_per_epoch']))
+    return steps
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, step_fn, *, config, device, epoch, ramp_alpha, run,
+                    log=None, start_step=0, steps=None):
+    """Train `epoch` from step `start_step` (`loader` yields its batches from there); returns the epoch averages.
+
+    `run` (a TrainingRun) restores a resumed epoch's RNG and running averages, writes step checkpoints and decides
+    what a non-finite loss does; `log` (a StepLog) writes train_steps.jsonl every log_every steps.
+    """
+    model.train()
+    steps = epoch_steps(loader, config) if steps is None else steps
+    warmup_epochs, step_size = int(config['schedular']['warmup_epochs']), int(config.get('warmup_step_size', 100))
+    tracker = run.take_tracker()
+    log = log or StepLog(None, config, device)
+    log.start_epoch(epoch, steps, start_step, counting=getattr(getattr(loader, 'dataset', None), 'skip_bad_images', False))
+    it = iter(loader)
+    run.restore_data_rng()  # after the iterator exists: making it may draw from the global generators
+    for i in range(start_step, steps):
+        t0 = time.time()
+        raw = next(it)
+        if isinstance(raw, CountedBatch):
+            run.skipped_images += raw.skipped
+            raw = raw.batch
+        batch = to_device(raw, device)
+        log.data_wait += time.time() - t0
+        with autocast(device, config.get('precision', 'fp32')):
+            loss_dict = step_fn(model, batch, alpha_at(config, epoch, i, steps, ramp_alpha))
+        loss = sum(loss_dict.values())
+        skip = run.skip_nonfinite(loss, loss_dict, epoch, i)
+        optimizer.zero_grad(set_to_none=True)
+        if not skip:
+            loss.backward()
+            optimizer.step()
+        warmup_step(scheduler, epoch, i, warmup_epochs, step_size)  # the schedule follows the data position
+        n = log.count(batch)
+        if not skip:
+            tracker.update(n, **{k: v.item() for k, v in loss_dict.items()})
+        tracker.update(1, lr=optimizer.param_groups[0]['lr'])
+        log.step(i, loss_dict, optimizer, run)
+        run.after_step(epoch, i, steps, tracker)
+    tracker.synchronize()
+    return log.end_epoch(tracker.summary(), run)
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns: this process's epoch records, and the record the run reports (see `reported`)."""
+
+    records: list
+    best: Optional[dict]
+    last: Optional[dict]
+
+    @property
+    def reported(self):
+        """The best epoch's record where the task selects one, else the last epoch's (resumed runs included)."""
+        return self.best if self.best is not None else self.last
+
+
+def fit(args, config, model, train_loader, step_fn, *, evaluate_fn=None, select_key=None, ramp_alpha=True,
+        find_unused_parameters=False, train_sampler=None, device=None):
+    """Train for schedular.epochs epochs with per-epoch evaluation, logging, checkpoints and resume.
+
+    `select_key`: the evaluate_fn metric whose maximum marks checkpoint_best.pth. Returns a FitResult.
+    """
+    from engine.script import device_of, wrap_ddp  # the set-up helpers sit above the loop
+    device = device or device_of(args)
+    model_ddp, model = wrap_ddp(model, args, find_unused_parameters)
+    optimizer = create_optimizer(config['optimizer'], model, fused=resolve_speed_mode(config)['fused'],
+                                 wd_exempt_extra=config.get('wd_exempt_extra'))
+    scheduler = create_scheduler(config['schedular'], optimizer)
+    run = TrainingRun(args, config, model, optimizer, scheduler, select_key=select_key)
+    resume_path = resolve_resume(args)
+    if resume_path:
+        run.resume(resume_path)
+    data = EpochData(train_loader, train_sampler, args.seed, config)
+    log = StepLog(args.output_dir, config, device)
+    log_file = os.path.join(args.output_dir, 'log.txt')
+    records = []
+    for epoch in range(run.epoch, int(config['schedular']['epochs'])):
+        start = run.step if epoch == run.epoch else 0
+        epoch_start(scheduler, epoch, int(config['schedular']['warmup_epochs']))
+        steps = epoch_steps(train_loader, config)
+        stats = train_one_epoch(model_ddp, data.for_epoch(epoch, start), optimizer, scheduler, step_fn, config=config,
+                                device=device, epoch=epoch, ramp_alpha=ramp_alpha, run=run, log=log,
+                                start_step=start, steps=steps)
+        record = {f'train_{k}': (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
+        record.update(evaluate_fn(model, epoch) if evaluate_fn else {})
+        record['epoch'] = epoch
+        run.end_epoch(epoch, record)
+        log.epoch_record(record)
+        if utils.is_main_process():
+            utils.append_jsonl(log_file, record)
+        records.append(record)
+        utils.barrier()
+    log.close()
+    if utils.is_main_process() and run.best_epoch is not None:
+        with open(log_file, 'a') as f:
+            f.write(f'best epoch: {run.best_epoch}\n')
+    return FitResult(records, run.best_record, run.last_record)
+
+
+def evaluate_only(args, model, evaluate_fn):
+    """One evaluation pass logged to log.txt as epoch 0 (the official --evaluate line); returns the metrics."""
+    metrics = evaluate_fn(model, 0)
+    if utils.is_main_process():
+        utils.append_jsonl(os.path.join(args.output_dir, 'log.txt'), {**metrics, 'epoch': 0})
+    utils.barrier()
+    return metrics
