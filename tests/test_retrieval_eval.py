@@ -61,6 +61,8 @@ def test_owned_rows_partition_like_the_official_blocks():
             assert all(e - s <= n // world + 1 for s, e in blocks)
 
 
+# several seconds each; the fast re-ranker stays in test-fast through test_retrieval_parity.py
+@pytest.mark.e2e
 @pytest.mark.parametrize('pair_batch,trim', [(1, True), (7, False), (10_000, True)])
 def test_fast_reranker_equals_reference(pair_batch, trim):
     model = build_model('retrieval', REF).eval()
