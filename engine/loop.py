@@ -1,6 +1,7 @@
 """The shared training loop: one epoch of steps, and `fit`, the epochs with evaluation, logging and checkpoints.
 
-A task hands `fit` a `step_fn(model, batch, alpha) -> {loss_name: tensor}` (the losses are summed) and optionally an
+A task hands `fit` a `step_fn(model, batch, alpha) -> {name: tensor}` (the `loss*` entries are summed and optimised,
+the others are only logged, e.g. a codebook's usage) and optionally an
 `evaluate_fn(model, epoch) -> {metric: value}`. Where a run stands (resume, checkpoints, non-finite losses) is
 `engine.checkpoints.TrainingRun`; the data position of a resumed epoch is `engine.data_position.EpochData`.
 """
@@ -80,7 +81,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn, *, config, dev
         log.data_wait += time.time() - t0
         with autocast(device, config.get('precision', 'fp32')):
             loss_dict = step_fn(model, batch, alpha_at(config, epoch, i, steps, ramp_alpha))
-        loss = sum(loss_dict.values())
+        loss = total_loss(loss_dict)
         skip = run.skip_nonfinite(loss, loss_dict, epoch, i)
         optimizer.zero_grad(set_to_none=True)
         if not skip:
@@ -95,6 +96,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn, *, config, dev
         run.after_step(epoch, i, steps, tracker)
     tracker.synchronize()
     return log.end_epoch(tracker.summary(), run)
+
+
+def total_loss(step_out):
+    """The sum of a step's `loss*` entries; its other entries are monitoring values (logged, not optimised)."""
+    return sum(v for k, v in step_out.items() if k.startswith('loss'))
 
 
 class FitResult(NamedTuple):

@@ -151,3 +151,15 @@ def test_synthetic_configs_need_no_text_encoder_flag(name, tmp_path):
         from models.tokenization import build_tokenizer
         build_tokenizer(args.text_encoder)
     assert args.text_encoder == 'none'
+
+
+def test_tensorboard_true_writes_scalar_events_of_steps_and_epochs(world):
+    from reproduce.events import read_scalars
+    root, config = world
+    out = root / 'tb'
+    run_retrieval(root, config, '--output_dir', str(out), '--opt', 'tensorboard=true', '--opt', 'log_every=1')
+    scalars = read_scalars(str(out / 'tensorboard'))
+    steps = [json.loads(x) for x in (out / 'train_steps.jsonl').read_text().splitlines()]
+    assert len(scalars['train/loss_ita']) == len(steps) == 8  # 2 epochs x 4 steps, one point per logged step
+    assert [round(v, 5) for _, v in scalars['train/loss_ita']] == [pytest.approx(s['loss_ita'], abs=1e-5) for s in steps]
+    assert [step for step, _ in scalars['epoch/val_r_mean']] == [0, 1]

@@ -303,3 +303,10 @@ def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(world, tmp_path):
     assert ckpt['epoch'] == 1 and ckpt.get('step_in_epoch') is None and ckpt['global_step'] == 8
     assert ckpt['world_size'] == 2 and len(ckpt['per_rank']) == 2
     assert [r['epoch'] for r in read_log(out / 'log.txt')] == [0, 1]
+
+
+@pytest.mark.unit
+def test_only_loss_entries_of_a_step_are_optimised_the_others_are_logged(tmp_path):
+    from engine.loop import total_loss
+    out = {'loss_a': torch.tensor(1.5), 'loss_b': torch.tensor(2.0), 'codes_used': torch.tensor(7.0)}
+    assert float(total_loss(out)) == 3.5
