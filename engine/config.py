@@ -106,8 +106,20 @@ QUIRK_FLAGS = {
     "randaugment_fixes": Key(BOOL, default=False),
 }
 
+# Keys of the other model families (models/registry.py) and of the synthetic benchmark: each keeps its top-level keys
+# in its _*_KEYS and its nested blocks (a top-level Key(MAP) plus the block's keys) in its _*_BLOCKS, so families
+# never edit each other's lines.
+_SIMLA_KEYS: dict[str, Key] = {}
+_SIMLA_BLOCKS: dict[str, dict[str, Key]] = {}
+_CODIS_KEYS: dict[str, Key] = {}
+_CODIS_BLOCKS: dict[str, dict[str, Key]] = {}
+_VLMO_KEYS: dict[str, Key] = {}
+_VLMO_BLOCKS: dict[str, dict[str, Key]] = {}
+_SYNTHETIC_KEYS: dict[str, Key] = {}
+
 CONFIG_KEYS: dict[str, dict[str, Key]] = {
-    "top": {**_DATA_KEYS, **_MODEL_KEYS, **_TRAINING_KEYS, **_SPEED_KEYS, **QUIRK_FLAGS},
+    "top": {**_DATA_KEYS, **_MODEL_KEYS, **_TRAINING_KEYS, **_SPEED_KEYS, **QUIRK_FLAGS, **_SIMLA_KEYS, **_CODIS_KEYS,
+            **_VLMO_KEYS, **_SYNTHETIC_KEYS},
     "optimizer": {"opt": Key(STR), "lr": Key(NUM), "weight_decay": Key(NUM)},
     "schedular": {"sched": Key(STR, ("cosine",)), "lr": Key(NUM), "epochs": Key(INT), "min_lr": Key(NUM),
                   "decay_rate": Key(NUM), "warmup_lr": Key(NUM), "warmup_epochs": Key(INT),
@@ -115,6 +127,7 @@ CONFIG_KEYS: dict[str, dict[str, Key]] = {
     # keyword arguments of models.vit.VisionTransformer (defaults there are ViT-B/16)
     "vit": {"patch_size": Key(INT), "in_chans": Key(INT), "embed_dim": Key(INT), "depth": Key(INT),
             "num_heads": Key(INT), "mlp_ratio": Key(NUM), "qkv_bias": Key(BOOL), "eps": Key(NUM)},
+    **_SIMLA_BLOCKS, **_CODIS_BLOCKS, **_VLMO_BLOCKS,
 }
 
 

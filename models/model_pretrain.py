@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from . import losses
 from .albef import AlbefBase, image_mask
-from .speed import resolve_speed_mode, share_image_tokens  # noqa: F401  (resolve_speed_mode: engine imports it here)
+from .speed import share_image_tokens
 from .xbert import BertForMaskedLM
 
 
