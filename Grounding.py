@@ -1,4 +1,4 @@
-"""Weakly-supervised visual grounding on RefCOCO+ (spec 6.5, 12.5).
+"""Weakly-supervised visual grounding on RefCOCO+.
 
 Training is the retrieval model and loss (ITC + ITM) on (image, expression) pairs, no boxes; evaluation turns each
 expression into a Grad-CAM map and picks the detector proposal it covers best (IoU >= 0.5 counts as correct).

@@ -1,4 +1,4 @@
-"""NLVR2 fine-tuning from the text-assignment (TA) checkpoint, with dev and test-P accuracy every epoch (spec 6.3).
+"""NLVR2 fine-tuning from the text-assignment (TA) checkpoint, with dev and test-P accuracy every epoch.
 
 One process:   python NLVR.py --config configs/NLVR_synthetic.yaml --text_encoder none \
                    --checkpoint output/nlvr_ta/checkpoint_last.pth --output_dir output/nlvr

@@ -1,6 +1,6 @@
-"""Text-assignment (TA) pretraining for NLVR2: one epoch on image-caption pairs (spec 6.3, official issue #115).
+"""Text-assignment (TA) pretraining for NLVR2: one epoch on image-caption pairs (official issue #115).
 
-Starts from an ALBEF pretraining checkpoint (fusion layers duplicated into the 18-layer pair encoder, spec 8.4);
+Starts from an ALBEF pretraining checkpoint (fusion layers duplicated into the 18-layer pair encoder);
 its output_dir/checkpoint_last.pth is the --checkpoint of NLVR.py.
 One process:   python Pretrain_nlvr.py --config configs/NLVR_pretrain_synthetic.yaml --text_encoder none \
                    --checkpoint output/pretrain/checkpoint_last.pth --output_dir output/nlvr_ta

@@ -1,4 +1,4 @@
-"""Image-text retrieval: fine-tuning on COCO / Flickr30K and evaluation with ITM re-ranking (spec 6.1, 12.1, 12.2).
+"""Image-text retrieval: fine-tuning on COCO / Flickr30K and evaluation with ITM re-ranking.
 
 Fine-tune:   python Retrieval.py --config configs/Retrieval_flickr.yaml --checkpoint ALBEF.pth --output_dir out/flickr
 Evaluate:    python Retrieval.py --config configs/Retrieval_coco.yaml --checkpoint mscoco.pth --evaluate

@@ -1,4 +1,4 @@
-"""SNLI-VE fine-tuning from a pretraining checkpoint, with val and test accuracy every epoch (spec 6.4).
+"""SNLI-VE fine-tuning from a pretraining checkpoint, with val and test accuracy every epoch.
 
 One process:   python VE.py --config configs/VE_synthetic.yaml --text_encoder none \
                    --checkpoint output/pretrain/checkpoint_last.pth --output_dir output/ve

@@ -1,5 +1,5 @@
 """ALBEF VQA fine-tuning: train the answer decoder, then rank the answer list for every test question and write
-the result file the evaluation server accepts (spec 6.2, 12.3).
+the result file the evaluation server accepts.
 
 One process:   python VQA.py --config configs/VQA_synthetic.yaml --checkpoint PRETRAINED.pth --output_dir output/vqa
 Several GPUs:  torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --checkpoint ALBEF.pth --output_dir output/vqa

@@ -154,7 +154,7 @@ def broadcast_from_main(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
-    """Seed Python `random`, numpy and torch (all devices); callers pass seed + rank (spec §13)."""
+    """Seed Python `random`, numpy and torch (all devices); callers pass seed + rank."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -4,10 +4,10 @@
     python benchmarks/bench_data.py --image_res 384 --root data/synthetic
 
 One process reads `--items` pretraining pairs through the real pretraining dataset (file open, JPEG decode, RGB,
-RandomResizedCrop bicubic, flip, RandAugment, normalise; spec 8) exactly as one DataLoader worker does, without
+RandomResizedCrop bicubic, flip, RandAugment, normalise) exactly as one DataLoader worker does, without
 the collate (tokenisation is timed separately, it is cheap). A run needs about this many workers per GPU:
 GPU samples/s / images/s per worker. Synthetic pictures are small, so real (larger) JPEGs decode slower; store them
-pre-resized (spec 16.7).
+pre-resized.
 """
 import argparse
 import os

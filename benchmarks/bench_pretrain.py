@@ -19,8 +19,8 @@ an MLP of width r*d costs 2*n*d*d*(4 + 2r) for the projections and MLP plus 4*n*
 A training step per sample: online ViT and text 3x (forward + backward = 2x forward), momentum ViT and text 1x;
 fusion 3x for each of 4 online passes (positive, 2 negatives, MLM) plus 1x momentum MLM pass; MLM head 3x online +
 1x momentum. At ViT-B/16 256 px + BERT-base (6 text + 6 fusion layers) this gives ~280 GFLOPs, within 4% of the
-~290 GFLOPs of spec 16.1. MFU = achieved FLOP/s / `--peak_tflops` (default: the dense bf16 or TF32 peak of a
-recognised GPU, else n/a).
+~290 GFLOPs estimated from the layer shapes. MFU = achieved FLOP/s / `--peak_tflops` (default: the dense bf16 or TF32
+peak of a recognised GPU, else n/a).
 """
 import argparse
 import gc
@@ -157,7 +157,7 @@ def main():
         config['image_res'] = args.image_res
     device = torch.device(args.device)
     if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # spec 16.7: TF32 for fp32 baselines
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 baselines, as the official A100 runs
         torch.backends.cudnn.allow_tf32 = True
     g = torch.Generator().manual_seed(0)
     batches = [tuple(t.to(device) for t in random_batch(args.batch, config['image_res'], g)) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""Spec 16.3 check: the loss curves of bf16 autocast and fp32 agree within noise over the first steps of training.
+"""The bf16 check: the loss curves of bf16 autocast and fp32 agree within noise over the first steps of training.
 
     python benchmarks/bf16_curves.py                                # 1,000 steps, tiny synthetic model, CPU
     python benchmarks/bf16_curves.py --device cuda --config configs/Pretrain_synthetic.yaml --batch 32

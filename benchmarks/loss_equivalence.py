@@ -1,7 +1,7 @@
 """Train `mode: reference` and `mode: fast` in lockstep from the same init on the same data; print loss differences.
 
     python benchmarks/loss_equivalence.py                     # 200 steps, tiny synthetic model, CPU
-    python benchmarks/loss_equivalence.py --steps 1000 --device cuda --precision bf16   # spec 16.3 check
+    python benchmarks/loss_equivalence.py --steps 1000 --device cuda --precision bf16   # the bf16-vs-fp32 check
 
 Both models start from the same weights and queues, see the same batches (synthetic world generated to a temporary
 folder, one loader feeds both) and have the global RNG reseeded to the same value before each step, so the MLM

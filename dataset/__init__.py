@@ -24,7 +24,7 @@ from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_
 from dataset.collate import (TEXT_SETTINGS, TextBatch, TextCollator, VQACollator, build_collate_fn,
                              static_shape_options, tokenize)
 from dataset.grounding_dataset import grounding_dataset
-from dataset.image_io import ImageLoadError, load_image
+from dataset.image_io import IMAGE_BLIND_MODES, ImageLoadError, load_image, make_image_blind
 from dataset.nlvr_dataset import nlvr_dataset
 from dataset.shards import ShardedPretrainDataset
 from dataset.text import pre_caption, pre_question
@@ -125,7 +125,22 @@ def _grounding_splits(config, skip: bool) -> DatasetSplits:
 
 
 def create_dataset(task: str, config) -> DatasetSplits:
-    """Build the (train, val, test) datasets of `task` from its config (keys of spec 9.2 plus skip_bad_images)."""
+    """Build the (train, val, test) datasets of `task` from its config (keys of spec 9.2 plus skip_bad_images).
+
+    `image_blind: fixed | shuffled` (default null) makes the pictures of every split uninformative about their texts
+    (dataset.image_io.make_image_blind, shuffled seeded by `image_blind_seed`): the image-blind control of a run.
+    """
+    splits = _create_splits(task, config)
+    mode = config.get("image_blind")
+    if mode is None:
+        return splits
+    seed = int(config.get("image_blind_seed", 0))
+    return DatasetSplits(*(None if split is None else make_image_blind(split, mode, seed + offset)
+                           for offset, split in enumerate(splits)))
+
+
+def _create_splits(task: str, config) -> DatasetSplits:
+    """The (train, val, test) datasets of `task`, pictures as annotated."""
     _require(config, "image_res", task)
     skip = bool(config.get("skip_bad_images", False))
     if task == "pretrain":
@@ -251,6 +266,7 @@ def _iterable_loader(dataset, workers: int, collate_fn, seed: Optional[int]) -> 
 
 
 __all__ = [
+    "IMAGE_BLIND_MODES",
     "TASKS",
     "TEXT_SETTINGS",
     "DatasetSplits",
@@ -268,6 +284,7 @@ __all__ = [
     "static_shape_options",
     "grounding_dataset",
     "load_image",
+    "make_image_blind",
     "nlvr_dataset",
     "pre_caption",
     "pre_question",

@@ -1,4 +1,4 @@
-"""Collate functions that tokenise text in the DataLoader workers (spec sections 4 and 11.5).
+"""Collate functions that tokenise text in the DataLoader workers.
 
 Every collate function returns a tuple in the official item order with each text column replaced by a `TextBatch`
 (`.input_ids`, `.attention_mask`: LongTensor [B, L]; `.to(device)`), other columns collated by torch's default
@@ -48,7 +48,7 @@ class TextBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class TextSettings:
-    """Tokenizer arguments of one call site (spec section 4 table)."""
+    """Tokenizer arguments of one call site."""
 
     padding: str = "longest"
     truncation: bool = False
@@ -180,7 +180,7 @@ COLLATE_TASKS = ("pretrain", "re", "vqa", "nlvr", "ve", "grounding")
 
 
 def static_shape_options(config) -> dict:
-    """build_collate_fn keywords for few text shapes under `compile: true` (spec 16.5); {} otherwise."""
+    """build_collate_fn keywords for few text shapes under `compile: true`; {} otherwise."""
     if not config.get("compile", False):
         return {}
     # truncated call sites become exactly 25 long; the others are bucketed to multiples of 8, never truncated

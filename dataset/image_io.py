@@ -146,3 +146,58 @@ class AnnotationDataset(SkippingDataset):
 
     def __len__(self) -> int:
         return len(self.ann)
+
+
+# ---- image-blind controls (docs/README_synthetic.md) --------------------------------------------------------------
+# `image_blind: fixed | shuffled` makes every picture a dataset returns uninformative about its text, so that the same
+# run measures what a model reaches without looking at the picture (the control each learning claim is compared
+# with). The annotation's picture fields are rewritten once, when the dataset is built; texts, labels, answers and
+# ids stay as they are.
+IMAGE_BLIND_MODES = ("fixed", "shuffled")
+# the fields that name an item's picture(s): `image` (every task), `images` (NLVR2's pair), `dataset` (VQA's root)
+_PICTURE_KEYS = ("dataset", "image", "images")
+
+
+def _picture(item: dict) -> dict:
+    return {key: item[key] for key in _PICTURE_KEYS if key in item}
+
+
+def blind_order(size: int, seed: int) -> list:
+    """For item i, the item whose picture it gets under `shuffled`: one random cycle through all items (seeded), so
+    no item keeps its own entry (a picture shared by several items can still come back to one of them)."""
+    import numpy as np
+
+    if size < 2:
+        return list(range(size))
+    order = np.random.default_rng(seed).permutation(size)
+    source = [0] * size
+    for position, item in enumerate(order):
+        source[int(item)] = int(order[(position + 1) % size])
+    return source
+
+
+def make_image_blind(dataset, mode, seed: int = 0):
+    """Rewrite the picture fields of `dataset.ann` in place: `fixed` gives every item the picture of item 0 (one
+    picture for the whole split), `shuffled` gives item i the picture of item blind_order(len, seed)[i]. None
+    leaves the dataset unchanged. Returns the dataset."""
+    if mode is None:
+        return dataset
+    if mode not in IMAGE_BLIND_MODES:
+        raise ValueError(f"image_blind must be null or one of {IMAGE_BLIND_MODES}, got {mode!r}")
+    ann = getattr(dataset, "ann", None)
+    if not isinstance(ann, list):
+        raise ValueError(
+            f"image_blind: {type(dataset).__name__} has no annotation list to rewrite (sharded pretraining is not "
+            f"supported); use train_file instead of train_shards for an image-blind control"
+        )
+    if not ann:
+        return dataset
+    pictures = [_picture(item) for item in ann]
+    source = [0] * len(ann) if mode == "fixed" else blind_order(len(ann), seed)
+    dataset.ann = [{**item, **pictures[j]} for item, j in zip(ann, source)]
+    # retrieval evaluation keeps a flat list of its pictures beside `ann`
+    image_list = getattr(dataset, "image", None)
+    if isinstance(image_list, list) and len(image_list) == len(ann):
+        dataset.image = [item["image"] for item in dataset.ann]
+    dataset.image_blind = mode
+    return dataset

@@ -1,4 +1,4 @@
-"""Text cleaning applied to every caption, sentence, referring expression and question (spec section 11.4)."""
+"""Text cleaning applied to every caption, sentence, referring expression and question."""
 
 import re
 

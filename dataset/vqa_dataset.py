@@ -1,4 +1,4 @@
-"""VQA v2 + Visual Genome QA dataset in the official format (spec section 11.1)."""
+"""VQA v2 + Visual Genome QA dataset in the official format."""
 
 from dataset.image_io import SkippingDataset, join_root, load_image, read_annotations, read_json_list
 from dataset.text import pre_question

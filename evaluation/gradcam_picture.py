@@ -3,7 +3,7 @@
     python -m evaluation.gradcam_picture --checkpoint refcoco.pth --config configs/Grounding.yaml \
         --image dog.jpg --text "the dog on the left" --out dog_gradcam.png [--mode itm|itc] [--block_num 8]
 
-The sentence map is the official grounding map (token mean of the ITM cross-attention Grad-CAM, spec 6.5); a word
+The sentence map is the official grounding map (token mean of the ITM cross-attention Grad-CAM); a word
 panel uses that token's row alone, as the official visualisation notebook does. `--mode itc` (ViT self-attention)
 has no per-word maps, so it draws the sentence panel only. Only PIL and numpy draw; nothing is downloaded.
 """

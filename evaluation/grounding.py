@@ -1,4 +1,4 @@
-"""Weakly-supervised grounding evaluation: Grad-CAM maps and detector-proposal scoring (spec 2.4, 3.3, 6.5, 12.5).
+"""Weakly-supervised grounding evaluation: Grad-CAM maps and detector-proposal scoring.
 
 `gradcam_itm` (default; a cross-attention layer of the fusion encoder, official block 8) and `gradcam_itc` (a ViT
 self-attention block) turn (image, text) batches into [B, g, g] maps; `grounding_accuracy` upsamples each map to its
@@ -137,7 +137,7 @@ def select_box(scores):
     """(index, fallback): the first highest score strictly above 0; if none, the plain argmax (first on ties).
 
     The official loop keeps a running maximum initialised at 0, so without a positive score it reuses the box of
-    the previous item (or crashes on the first); the fallback replaces that (spec 12.5 step 3).
+    the previous item (or crashes on the first); the fallback replaces that.
     """
     best, best_score = None, 0.0
     for i, score in enumerate(scores):
@@ -150,7 +150,7 @@ def select_box(scores):
 
 
 def inclusive_iou(box_a, box_b):
-    """IoU of [x, y, w, h] boxes, pixels inclusive (x2 = x + w - 1), strict overlap test (spec 12.5 step 4)."""
+    """IoU of [x, y, w, h] boxes, pixels inclusive (x2 = x + w - 1), strict overlap test."""
     ax, ay, aw, ah = box_a[:4]
     bx, by, bw, bh = box_b[:4]
     ix1, iy1 = max(ax, bx), max(ay, by)

@@ -1,4 +1,4 @@
-"""A minimal reader for the RefCOCO+ annotation files used by grounding evaluation (spec 11.1, 12.5).
+"""A minimal reader for the RefCOCO+ annotation files used by grounding evaluation.
 
 Files (the layout of the REFER toolkit's data folder, `<refcoco_data>/refcoco+/`):
 - `refs(unc).p`: a pickled list of ref dicts with at least ref_id, image_id, ann_id, split (train/val/testA/testB);

@@ -1,4 +1,4 @@
-"""Image-text retrieval evaluation: feature extraction, ITC similarities and the official recall metrics (spec 12.1).
+"""Image-text retrieval evaluation: feature extraction, ITC similarities and the official recall metrics.
 
 The ITM re-ranking on top of these features lives beside this module; this part is shared by the zero-shot
 check during pretraining and by Retrieval.py.

@@ -1,4 +1,4 @@
-"""VQA prediction over an answer list, result-file checks and the standard VQA accuracy (spec 12.3).
+"""VQA prediction over an answer list, result-file checks and the standard VQA accuracy.
 
 Accuracy of one prediction = mean over the 10 leave-one-annotator-out subsets of min(#matching humans / 3, 1),
 after the standard answer normalisation (punctuation, number words to digits, articles, contractions). Unlike the
@@ -130,7 +130,7 @@ def dedup_results(results):
 
 @torch.no_grad()
 def predict_answers(model, loader, answer_list, tokenizer, device, k, eos='[SEP]', show_progress=True):
-    """[{'question_id', 'answer'}] for every (image, question, question_id) batch of `loader` (spec 6.2, 12.3).
+    """[{'question_id', 'answer'}] for every (image, question, question_id) batch of `loader`.
 
     The answer list is tokenised once (each answer + eos, padded to the longest) and ranked by
     `model(image, question, answers, train=False, k=k)`; the prediction is the highest-probability answer.

@@ -1,4 +1,4 @@
-"""Reading checkpoints and every official conversion rule, one function per rule (spec sections 2.2, 3.9, 7.5, 8).
+"""Reading checkpoints and every official conversion rule, one function per rule.
 
 Nothing here downloads: DeiT, BERT and ALBEF weights come from local paths the user gives.
 """
@@ -175,7 +175,7 @@ def load_deit(visual_encoder, path):
     return unexpected
 
 
-# ---- ALBEF checkpoint layouts and the retrieval / grounding conversion (spec 7.5, 8.1, 8.6) ---------------------
+# ---- ALBEF checkpoint layouts and the retrieval / grounding conversion ---------------------
 QUEUE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'queue_ptr')
 
 
@@ -195,7 +195,7 @@ def is_pretrain_layout(sd):
 
 
 def interpolate_pos_embeds(sd, model, prefixes=('visual_encoder', 'visual_encoder_m')):
-    """Resize `<prefix>.pos_embed` to the model's grid for every listed ViT present in both (spec 2.3)."""
+    """Resize `<prefix>.pos_embed` to the model's grid for every listed ViT present in both."""
     for prefix in prefixes:
         key = f'{prefix}.pos_embed'
         if key in sd and hasattr(model, prefix):
@@ -220,7 +220,7 @@ def drop_training_state(sd):
 
 
 def convert_to_retrieval(sd, model):
-    """Pretrained or fine-tuned weights -> the retrieval/grounding layout of `model` (spec 8.1, 8.6).
+    """Pretrained or fine-tuned weights -> the retrieval/grounding layout of `model`.
 
     The source layout is detected instead of assumed: pretraining files get `bert.` stripped (official rule),
     raw fine-tuned files are taken as they are; momentum/queue tensors are dropped for an inference-form model.
@@ -242,7 +242,7 @@ def has_momentum_models(model):
 def init_momentum_from_online(model, missing, why='the checkpoint has none'):
     """A file without momentum weights: copy online -> momentum and, where the model has queues, fresh queues.
 
-    The one rule for every task (spec 8.6); returns whether it copied.
+    The one rule for every task; returns whether it copied.
     """
     momentum_missing = [k for k in missing if is_momentum_key(k)]
     if not has_momentum_models(model) or not momentum_missing:
@@ -270,7 +270,7 @@ def load_retrieval_checkpoint(model, path, reset_queues=False):
 
     Returns (missing, unexpected, dropped) key lists; the official outcome for a pretraining file is
     missing = [idx_queue] and unexpected = the 14 `*.cls.predictions.*` keys. `reset_queues` (config key
-    reset_queues_on_finetune, spec 14 #11) starts from fresh queues instead of the checkpoint's.
+    reset_queues_on_finetune, docs/QUIRKS.md) starts from fresh queues instead of the checkpoint's.
     """
     sd, dropped = convert_to_retrieval(load_state_dict_file(path), model)
     if reset_queues:
@@ -293,7 +293,7 @@ def _abbrev(keys, n=4):
     return '[' + ', '.join(keys[:n]) + (', ...' if len(keys) > n else '') + ']'
 
 
-# ---- VQA conversion (spec 8.3, 8.6) ----------------------------------------------------------------------------
+# ---- VQA conversion ----------------------------------------------------------------------------
 def is_vqa_layout(sd):
     """Whether a state dict already holds an answer decoder (a fine-tuned VQA file)."""
     return any(k.startswith(('text_decoder.', 'text_decoder_m.')) for k in sd)
@@ -324,7 +324,7 @@ def pretrain_to_vqa(sd, fusion_layer=6):
 
 
 def convert_to_vqa(sd, model):
-    """Pretrained or fine-tuned weights -> the VQA layout of `model`, detecting the source layout (spec 8.3)."""
+    """Pretrained or fine-tuned weights -> the VQA layout of `model`, detecting the source layout."""
     sd = interpolate_pos_embeds(dict(sd), model)
     if is_pretrain_layout(sd) and not is_vqa_layout(sd):
         pretrain_to_vqa(sd, model.text_encoder.config.fusion_layer)
@@ -348,7 +348,7 @@ def load_vqa_checkpoint(model, path):
     return list(missing), list(unexpected)
 
 
-# ---- NLVR2 text assignment, NLVR2 and SNLI-VE (spec 8.2, 8.4, 8.5) ---------------------------------------------
+# ---- NLVR2 text assignment, NLVR2 and SNLI-VE ---------------------------------------------
 def is_ta_layout(sd):
     """Whether a state dict comes from text-assignment pretraining (it has `ta_head`)."""
     return 'ta_head.weight' in sd
@@ -374,7 +374,7 @@ def duplicate_fusion_layers(sd, fusion_layer):
 
 
 def convert_pretrain_to_ta(sd, model):
-    """Pretraining weights -> the TA model (spec 8.4): pos_embed resized, `bert.` stripped, fusion layers doubled.
+    """Pretraining weights -> the TA model: pos_embed resized, `bert.` stripped, fusion layers doubled.
 
     Official outcome: missing = ta_head (2); unexpected = queues, itm_head, MLM heads and every momentum key.
     """
@@ -384,12 +384,12 @@ def convert_pretrain_to_ta(sd, model):
 
 
 def convert_ta_to_nlvr(sd, model):
-    """TA weights -> the NLVR2 model (spec 8.5): only the online pos_embed is resized; keys are already NLVR2 keys."""
+    """TA weights -> the NLVR2 model: only the online pos_embed is resized; keys are already NLVR2 keys."""
     return interpolate_pos_embeds(dict(sd), model, ('visual_encoder',))
 
 
 def convert_pretrain_to_ve(sd, model):
-    """Pretraining weights -> the SNLI-VE model (spec 8.2): pos_embeds resized (momentum one if built), `bert.` cut.
+    """Pretraining weights -> the SNLI-VE model: pos_embeds resized (momentum one if built), `bert.` cut.
 
     Official outcome: missing = cls_head and cls_head_m (8); unexpected = temp, queues, projections, itm_head and
     both MLM heads (28).
@@ -430,9 +430,9 @@ def load_ta_checkpoint(model, path_or_sd):
 def load_nlvr_checkpoint(model, path_or_sd, momentum_init='before_load'):
     """Load a TA file (the official start), an NLVR2 fine-tuned file, or a pretraining file (via the TA rule).
 
-    momentum_init 'before_load' (official, spec 14 #3): the momentum models keep the copy made at construction,
+    momentum_init 'before_load' (official, docs/QUIRKS.md): the momentum models keep the copy made at construction,
     i.e. the randomly initialised ViT and BERT; 'after_load': they are copied from the loaded online weights.
-    A fine-tuned file without momentum keys always gets its momentum models copied after loading (spec 8.6).
+    A fine-tuned file without momentum keys always gets its momentum models copied after loading.
     """
     if momentum_init not in ('before_load', 'after_load'):
         raise ValueError(f"nlvr_momentum_init must be 'before_load' or 'after_load', got {momentum_init!r}")
@@ -454,7 +454,7 @@ def load_nlvr_checkpoint(model, path_or_sd, momentum_init='before_load'):
 
 
 def load_ve_checkpoint(model, path_or_sd):
-    """Load a pretraining file (converted, spec 8.2) or an SNLI-VE fine-tuned file (as is) into the VE model."""
+    """Load a pretraining file (converted) or an SNLI-VE fine-tuned file (as is) into the VE model."""
     sd, path = _source(path_or_sd)
     pretrain = is_pretrain_layout(sd)
     sd = convert_pretrain_to_ve(sd, model) if pretrain else interpolate_pos_embeds(sd, model)

@@ -1,7 +1,7 @@
 """ALBEF tokenizer: bert-base-uncased WordPiece, single sentences as `[CLS] pieces` with no trailing [SEP].
 
 The stock transformers tokenizer is used only for normalisation and WordPiece (`add_special_tokens=False`);
-ids, truncation and padding follow the official rule (spec §4) and are built here, so the behaviour does not
+ids, truncation and padding follow the official rule and are built here, so the behaviour does not
 depend on the installed transformers release. Nothing is ever downloaded.
 """
 from __future__ import annotations

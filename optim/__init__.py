@@ -1,4 +1,4 @@
-"""AdamW with the official two weight-decay groups (spec §10.1)."""
+"""AdamW with the official two weight-decay groups."""
 from __future__ import annotations
 
 from collections.abc import Iterable

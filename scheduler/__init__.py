@@ -1,4 +1,4 @@
-"""The official cosine schedule with linear warm-up (spec §10.2) and the way the scripts drive it (§10.3).
+"""The official cosine schedule with linear warm-up and the way the scripts drive it (§10.3).
 
 The schedule is a function of an integer "epoch index" t. The official scripts step it in two regimes:
 - epoch 0: after the optimizer step of iteration i, if i % step_size == 0 and i <= step_size * W_t, set

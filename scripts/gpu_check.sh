@@ -76,7 +76,7 @@ step "data pipeline, 256 px, one worker" 30 $PY benchmarks/bench_data.py --items
 step "torch.compile of the encoder layers (fast mode), bf16, batch 64" 90 \
   $PY benchmarks/bench_pretrain.py --config configs/Pretrain.yaml --batch 64 --device cuda --precision bf16 \
   --steps 10 --warmup 3 --modes fast --compile
-step "bf16 vs fp32 loss curves (spec 16.3), tiny model, batch 32, 1000 steps" 50 \
+step "bf16 vs fp32 loss curves, tiny model, batch 32, 1000 steps" 50 \
   $PY benchmarks/bf16_curves.py --device cuda --batch 32 --steps 1000
 
 { echo; echo "## summary"; echo; } >> "$RESULTS"

@@ -1,4 +1,4 @@
-"""A deterministic synthetic image-text world written in the official ALBEF annotation formats (spec section 11.1).
+"""A deterministic synthetic image-text world written in the official ALBEF annotation formats.
 
 `python -m synthetic.world --root data/synthetic [--seed 0] [--scale 1.0]` (`python -m synthetic` is the same) draws
 small pictures of coloured shapes and writes pretraining, retrieval, VQA, NLVR2, SNLI-VE and RefCOCO+-style grounding
@@ -972,7 +972,7 @@ def _ref_sentences(rng: np.random.Generator, shapes: Sequence[Shape], target: in
 
 
 def inclusive_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
-    """IoU of two [x, y, w, h] boxes with the inclusive-pixel convention of spec 12.5."""
+    """IoU of two [x, y, w, h] boxes with the inclusive-pixel convention of the official grounding evaluation (x2 = x + w - 1)."""
     ax1, ay1, aw, ah = box_a[:4]
     bx1, by1, bw, bh = box_b[:4]
     ix1, iy1 = max(ax1, bx1), max(ay1, by1)

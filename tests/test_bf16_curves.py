@@ -1,4 +1,4 @@
-"""benchmarks/bf16_curves.py (spec 16.3): the window verdict, and a short run of the script end to end."""
+"""benchmarks/bf16_curves.py: the window verdict, and a short run of the script end to end."""
 import sys
 
 import pytest

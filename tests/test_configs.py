@@ -38,7 +38,7 @@ def test_official_blocks(name):
     assert sched["lr"] == config["optimizer"]["lr"]
 
 
-# (optimizer lr, epochs, min_lr, warmup_epochs, image_res) from spec table 9.2
+# (optimizer lr, epochs, min_lr, warmup_epochs, image_res): the official task configs
 TABLE = {
     "Pretrain": (1e-4, 30, 1e-5, 20, 256), "Pretrain_4M": (1e-4, 30, 1e-5, 20, 256),
     "Retrieval_coco": (1e-5, 5, 1e-6, 1, 384), "Retrieval_flickr": (1e-5, 10, 1e-6, 1, 384),

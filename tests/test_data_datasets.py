@@ -1,4 +1,4 @@
-"""Task datasets (spec 11.1) and create_dataset, built from JSON files and tiny images in tmp_path."""
+"""Task datasets and create_dataset, built from JSON files and tiny images in tmp_path."""
 
 import json
 import random

@@ -237,7 +237,7 @@ def test_seed_worker_seeds_numpy_and_random_from_torch():
 ])
 def test_compile_buckets_every_untruncated_text_to_multiples_of_8(task, train, item):
     """Under `compile: true` the NLVR2 / VE / grounding / VQA-eval texts (never truncated officially) are padded to
-    a multiple of 8 with masked [PAD]s: the same tokens, no truncation, few shapes (spec 16.5)."""
+    a multiple of 8 with masked [PAD]s: the same tokens, no truncation, few shapes."""
     from dataset import static_shape_options
     tokenizer = WordTokenizer()
     pos = item.index(None)

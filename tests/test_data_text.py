@@ -1,4 +1,4 @@
-"""Text cleaning (spec 11.4): pre_caption and pre_question on hand-made strings."""
+"""Text cleaning: pre_caption and pre_question on hand-made strings."""
 
 from dataset.text import pre_caption, pre_question
 

@@ -1,4 +1,4 @@
-"""Image transforms (spec 11.2): pipeline steps, CLIP normalisation, output shapes."""
+"""Image transforms: pipeline steps, CLIP normalisation, output shapes."""
 
 import numpy as np
 import pytest

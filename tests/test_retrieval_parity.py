@@ -194,4 +194,4 @@ def test_full_size_keys_equal_official_on_meta_device():
     assert {k: list(v.shape) for k, v in inference.state_dict().items()} == online
     unique = {id(p): p.numel() for p in model.parameters()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == 209_560_835 and sum(unique.values()) == 419_120_131  # spec 1.2
+    assert trainable == 209_560_835 and sum(unique.values()) == 419_120_131  # the official parameter counts

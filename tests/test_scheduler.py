@@ -21,7 +21,7 @@ VQA = _config(2e-5, 8, 1e-6, 4)
 NLVR = _config(2e-5, 10, 1e-6, 1)
 VE = _config(2e-5, 5, 1e-6, 1)
 
-# Spec table 10.4, epochs 1, 2, ... (three significant digits).
+# The official learning-rate curves at epochs 1, 2, ... (three significant digits).
 TABLE_EPOCHS = [
     (PRETRAIN, [9.98e-5, 9.90e-5, 9.78e-5, 9.61e-5, 9.40e-5, 9.14e-5, 8.84e-5, 8.51e-5, 8.15e-5, 7.75e-5, 7.33e-5,
                 6.89e-5, 6.44e-5, 5.97e-5, 5.50e-5, 5.03e-5, 4.56e-5, 4.11e-5, 3.67e-5, 3.25e-5, 2.85e-5, 2.49e-5,

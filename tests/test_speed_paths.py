@@ -81,7 +81,7 @@ def _count_cross_kv_projections(model):
 
 @pytest.mark.parametrize('kind', ['pretrain', 'retrieval'])
 def test_kv_reuse_projects_image_keys_once_and_computes_the_same_step(kind):
-    """Spec 16.6: with kv_reuse each fusion layer projects the image K/V once per step (pretraining: instead of for
+    """With kv_reuse each fusion layer projects the image K/V once per step (pretraining: instead of for
     the positive, negative and MLM passes; retrieval: positive and negative) with the same losses and gradients."""
     ref = load_reference(kind)
     plain = build_model(kind, ref, no_dropout=True, kv_reuse=False).train()

@@ -51,7 +51,7 @@ def world(tmp_path_factory):
 
 
 def _spec_iou(a, b):
-    """Inclusive-pixel IoU of spec 12.5, written independently of the module."""
+    """Inclusive-pixel IoU of the grounding evaluation, written independently of the module."""
     ax2, ay2 = a[0] + a[2] - 1, a[1] + a[3] - 1
     bx2, by2 = b[0] + b[2] - 1, b[1] + b[3] - 1
     ix1, iy1, ix2, iy2 = max(a[0], b[0]), max(a[1], b[1]), min(ax2, bx2), min(ay2, by2)
@@ -140,7 +140,7 @@ def test_scale_sets_the_size():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Formats of the official loaders (spec 11.1)
+# Formats of the official loaders
 
 
 def test_pretrain_and_retrieval_formats(world):

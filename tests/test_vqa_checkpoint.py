@@ -1,5 +1,5 @@
-"""VQA checkpoint conversion (spec 8.3) against the official result in tests/fixtures/parity/conversions.pt, and the
-loading contract for fine-tuned VQA files (wrapped or raw, with or without momentum keys; spec 7.5, 8.6)."""
+"""VQA checkpoint conversion against the official result in tests/fixtures/parity/conversions.pt, and the
+loading contract for fine-tuned VQA files (wrapped or raw, with or without momentum keys)."""
 import pytest
 import torch
 

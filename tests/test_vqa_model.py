@@ -1,5 +1,4 @@
-"""Full-size VQA model structure on the meta device: official state-dict keys, order, shapes and parameter counts
-(spec 1.2, 7.4)."""
+"""Full-size VQA model structure on the meta device: official state-dict keys, order, shapes and parameter counts."""
 import json
 import os
 
