@@ -115,7 +115,11 @@ _CODIS_KEYS: dict[str, Key] = {}
 _CODIS_BLOCKS: dict[str, dict[str, Key]] = {}
 _VLMO_KEYS: dict[str, Key] = {}
 _VLMO_BLOCKS: dict[str, dict[str, Key]] = {}
-_SYNTHETIC_KEYS: dict[str, Key] = {}
+_SYNTHETIC_KEYS: dict[str, Key] = {
+    # the image-blind control of any run (dataset.create_dataset, docs/README_synthetic.md): every picture replaced by
+    # one fixed picture of its split, or shuffled against the texts (seeded by image_blind_seed); null = the pictures
+    "image_blind": Key(STR, ("fixed", "shuffled"), nullable=True), "image_blind_seed": Key(INT),
+}
 
 CONFIG_KEYS: dict[str, dict[str, Key]] = {
     "top": {**_DATA_KEYS, **_MODEL_KEYS, **_TRAINING_KEYS, **_SPEED_KEYS, **QUIRK_FLAGS, **_SIMLA_KEYS, **_CODIS_KEYS,

@@ -37,6 +37,7 @@ KIND_OF_FILE = {
     'test_grounding_learning.py': 'learning',
     'test_grounding_parity.py': 'parity',
     'test_grounding_picture.py': 'unit',
+    'test_image_blind.py': 'unit',
     'test_model_pretrain.py': 'unit',
     'test_nlvr_conversions.py': 'parity',
     'test_nlvr_parity.py': 'parity',
