@@ -163,7 +163,7 @@ def load_deit(visual_encoder, path):
     if not path or not os.path.isfile(str(path)):
         raise CheckpointError(f'DeiT checkpoint {path!r} not found; set deit_checkpoint in the config to a local '
                               f'deit_base_patch16_224-b5f2ef4d.pth (for the synthetic config: create it with '
-                              f'`python Pretrain_synthetic_deit.py --root data/synthetic`), or set init_deit: false '
+                              f'`python -m synthetic.deit --root data/synthetic`), or set init_deit: false '
                               f'to start from random')
     sd = dict(unwrap_state_dict(load_checkpoint_file(path), path))
     sd.pop('head.weight', None)

@@ -15,10 +15,7 @@ from reproduce.report import collect
 
 pytestmark = pytest.mark.e2e
 
-try:
-    from synthetic.world import generate
-except ImportError:  # older layout of the repository
-    from dataset.synthetic import generate
+from synthetic.world import generate
 
 STEPS, EPOCHS = 3, 2
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')

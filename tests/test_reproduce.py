@@ -17,10 +17,7 @@ from reproduce.report import collect, markdown
 
 pytestmark = pytest.mark.unit
 
-try:
-    from synthetic.world import generate
-except ImportError:  # older layout of the repository
-    from dataset.synthetic import generate
+from synthetic.world import generate
 
 # the flat metric names every entry script writes into metrics.json['metrics']
 CONTRACT_KEYS = {
