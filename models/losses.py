@@ -156,3 +156,74 @@ def answer_sequence_scores(topk_first_probs, answer_nll, first_token_once=False)
     if first_token_once:
         return -answer_nll
     return topk_first_probs.log() - answer_nll
+
+
+# ---- VLMo (docs/README_vlmo.md) ---------------------------------------------------------------------------------
+# VLMo (Bao et al., NeurIPS 2022) objectives as the official code computes them: in-batch contrastive learning over
+# features gathered from every rank (no queue, no distillation), ITM with hard negatives drawn from the global batch,
+# MLM with whole-word masking and weight 0.25, and the VQA soft-score BCE scaled by the number of answers.
+def vlmo_contrastive(image_feats, text_feats, logit_scale):
+    """(i2t logits, t2i logits, loss): S = exp(logit_scale) * F_i F_t^T (no clamp), targets arange(N),
+    loss = (CE(S) + CE(S^T)) / 2, in fp32."""
+    i2t = logit_scale.exp() * image_feats.float() @ text_feats.float().t()
+    t2i = i2t.t()
+    labels = torch.arange(i2t.shape[0], device=i2t.device)
+    return i2t, t2i, (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
+
+
+def vlmo_negative_weights(logits_local):
+    """Hard-negative weights of the B local rows of [B, N] ITC logits (local block first): softmax over the global
+    batch with the own positive (column b of row b) zeroed; non-finite entries become 0 and an all-zero row falls back
+    to uniform over j != b (healthy rows unchanged). N = 1 is refused."""
+    B, N = logits_local.shape
+    if N < 2:
+        raise ValueError('VLMo ITM hard negatives need at least 2 image-text pairs in the global batch '
+                         '(batch_size_train * world_size >= 2)')
+    w = F.softmax(logits_local.float(), dim=1)
+    w.fill_diagonal_(0)
+    w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    bad = w.sum(1) <= 0
+    if bool(bad.any()):
+        not_self = torch.ones_like(w, dtype=torch.bool)
+        not_self[torch.arange(B), torch.arange(B)] = False
+        w = torch.where(bad.view(-1, 1), not_self.float(), w)
+    return w
+
+
+def vlmo_itm_labels(batch_size, device=None):
+    """[1]*B (positives) + [0]*2B ((text, negative image), (negative text, image))."""
+    return torch.cat([torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]).to(device)
+
+
+def vlmo_mlm_loss(logits, labels):
+    """Token-mean cross-entropy over labels != -100 (the caller applies the 0.25 weight of stage 3); zero, not NaN,
+    when a batch has no masked token."""
+    logits = logits.float()
+    if not bool((labels != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+def vlmo_vqa_loss(logits, targets):
+    """BCE-with-logits against soft scores, mean over B*C, times C (the official scaling)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
+
+
+def vlmo_vqa_targets(labels, scores, num_labels):
+    """Dense [B, C] soft targets: targets[b, labels[b][j]] = scores[b][j]."""
+    targets = torch.zeros(len(labels), num_labels)
+    for b, (ls, ss) in enumerate(zip(labels, scores)):
+        for label, score in zip(ls, ss):
+            targets[b, label] = score
+    return targets
+
+
+def vlmo_lr_factor(step, max_steps, warmup_steps, power=1.0, end_factor=0.0):
+    """Linear warm-up then polynomial decay (power 1: linear) as a multiple of the base lr at optimiser step `step`
+    (0-based; the first step uses 0)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if step > max_steps:
+        return end_factor
+    remaining = 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return (1.0 - end_factor) * remaining ** power + end_factor

@@ -1,0 +1,218 @@
+"""VLMo unit checks: full-size key layouts and parameter counts on the meta device (tests/fixtures/keys/vlmo_*.json),
+the three index maps, routing, masks, the pure losses of models/losses.py (VLMo section) and the checkpoint rules."""
+import json
+import os
+
+import pytest
+import torch
+
+from models import losses
+from models import vlmo_checkpoint as vc
+from models.vlmo import (VLMo, fused_relative_position_index, image_relative_position_index,
+                         text_relative_position_index)
+
+KEYS = os.path.join(os.path.dirname(__file__), 'fixtures', 'keys')
+
+
+def full_config(task, res, L=40):
+    return {'model': 'vlmo', 'task': task, 'image_res': res, 'max_text_len': L, 'max_text_len_of_initckpt': 196,
+            'vocab_size': 30522, 'vqa_num_labels': 3129}
+
+
+def meta_model(task, res, **arch):
+    cfg = full_config(task, res)
+    if arch:
+        cfg['vlmo'] = arch
+    with torch.device('meta'):
+        return VLMo(config=cfg, task=task)
+
+
+def backbone_count(model):
+    prefixes = ('transformer.', 'relative_position_bias_table', 'text_embeddings.', 'token_type_embeddings.')
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
+
+
+@pytest.mark.parametrize('task,res,params,nkeys', [('pretrain', 224, 202445470, 293), ('retrieval', 384, 177413857, 282),
+                                                   ('vqa', 480, 182410905, 285), ('nlvr', 384, 178601954, 285)])
+def test_full_size_layout_and_counts(task, res, params, nkeys):
+    m = meta_model(task, res)
+    sd = m.state_dict()
+    ref = json.load(open(os.path.join(KEYS, f'vlmo_{task}.json')))['keys']
+    assert list(sd) == list(ref)
+    assert {k: list(v.shape) for k, v in sd.items()} == ref
+    assert len(sd) == nkeys
+    assert sum(p.numel() for p in m.parameters()) == params
+
+
+def test_full_size_backbone_and_stage2():
+    assert backbone_count(meta_model('pretrain', 224)) == 175430496
+    m = meta_model('textmlm', 224)
+    sd = m.state_dict()
+    assert len(sd) == 273 and sum(p.numel() for p in m.parameters()) == 190756506
+    assert not any('mlp_vl' in k or 'norm2_vl' in k for k in sd)
+    assert list(sd['text_embeddings.position_embeddings.weight'].shape) == [196, 768]
+
+
+def test_base_plus_and_large_build():
+    bp = meta_model('pretrain', 224, embed_dim=544, depth=24, num_heads=16, vlffn_start_layer_index=21,
+                    layer_scale_init_values=None, use_abs_pos_emb=True, use_rel_pos_bias=False)
+    sd = bp.state_dict()
+    assert 'transformer.pos_embed' in sd and 'relative_position_bias_table' not in sd
+    assert not any('gamma_' in k for k in sd)
+    lg = meta_model('pretrain', 224, embed_dim=1024, depth=24, num_heads=16, vlffn_start_layer_index=21)
+    assert list(lg.state_dict()['relative_position_bias_table'].shape) == [1126, 16 * 24]
+
+
+@pytest.mark.parametrize('G,L,L0', [(2, 4, 6), (14, 40, 196), (24, 40, 196), (30, 40, 196)])
+def test_index_maps(G, L, L0):
+    t_img = (2 * G - 1) ** 2 + 3
+    T = t_img + 2 * L0 + 2
+    img = image_relative_position_index(G)
+    assert img.shape == (G * G + 1,) * 2
+    assert img[0, 0] == t_img - 1 and (img[0, 1:] == t_img - 3).all() and (img[1:, 0] == t_img - 2).all()
+    assert set(img[1:, 1:].unique().tolist()) == set(range((2 * G - 1) ** 2))
+    txt = text_relative_position_index(L, L0, t_img)
+    assert txt[0, 0] == T - 1 and (txt[0, 1:] == T - 3).all() and (txt[1:, 0] == T - 2).all()
+    for i in range(1, L):
+        for j in range(1, L):
+            assert txt[i, j] == t_img + L0 + (j - i)
+    fused = fused_relative_position_index(txt, img, t_img)
+    assert (fused[:L, L:] == t_img).all() and (fused[L:, :L] == t_img + 1).all()
+    assert int(fused.max()) < T
+    with pytest.raises(ValueError):
+        text_relative_position_index(L0 + 1, L0, t_img)
+
+
+def tiny(task='pretrain', **over):
+    cfg = {'model': 'vlmo', 'task': task, 'image_res': 16, 'max_text_len': 6, 'max_text_len_of_initckpt': 8,
+           'vocab_size': 50, 'vqa_num_labels': 5,
+           'vlmo': {'patch_size': 8, 'embed_dim': 16, 'depth': 3, 'num_heads': 2, 'vlffn_start_layer_index': 2,
+                    'drop_path_rate': 0.0, **over}}
+    torch.manual_seed(0)
+    m = VLMo(config=cfg, task=task)
+    with torch.no_grad():
+        m.relative_position_bias_table.normal_(0, 0.5)
+    return m.eval()
+
+
+def batch(B=3, L=6, V=50):
+    torch.manual_seed(1)
+    ids = torch.randint(5, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 4:] = 0
+    ids[1, 4:] = 0
+    return torch.randn(B, 3, 16, 16), ids, mask
+
+
+def test_routing():
+    m = tiny()
+    calls = []
+    for i, blk in enumerate(m.transformer.blocks):
+        for name in ('mlp_text', 'mlp_imag', 'mlp_vl'):
+            mod = getattr(blk, name)
+            if mod is not None:
+                mod.register_forward_hook(lambda mod, inp, out, i=i, name=name: calls.append((i, name, inp[0].shape[1])))
+    image, ids, mask = batch()
+    with torch.no_grad():
+        m.infer_image(image)
+        img_calls = [c for c in calls[:3]]
+        assert [c[1] for c in img_calls] == ['mlp_imag'] * 3
+        assert [c[:2] for c in calls[3:]] == [(2, 'mlp_vl')]  # the VL branch
+        calls.clear()
+        m.infer(ids, mask, image)
+        assert calls == [(0, 'mlp_text', 6), (0, 'mlp_imag', 5), (1, 'mlp_text', 6), (1, 'mlp_imag', 5), (2, 'mlp_vl', 11)]
+        with pytest.raises(ValueError):
+            m.infer(ids[:, :5], mask[:, :5], image)
+
+
+def test_padding_and_positions():
+    m = tiny()
+    image, ids, mask = batch()
+    with torch.no_grad():
+        a = m.infer(ids, mask, image)
+        ids2 = ids.clone(); ids2[1, 4:] = 7
+        b = m.infer(ids2, mask, image)
+        assert torch.allclose(a['text_feats'][1, :4], b['text_feats'][1, :4], atol=1e-6)
+        assert torch.allclose(a['image_feats'], b['image_feats'], atol=1e-6)
+        perm = image.view(3, 3, 2, 8, 2, 8).flip(2).reshape(3, 3, 16, 16)
+        assert not torch.allclose(m.infer_image(perm)['image_feats'][:, 0], m.infer_image(image)['image_feats'][:, 0])
+    m.train()
+    m.compute_mlm(image, ids, mask, torch.where(mask.bool(), ids, -100))['mlm_loss'].backward()
+    assert m.text_embeddings.position_embeddings.weight.grad is None or \
+        m.text_embeddings.position_embeddings.weight.grad.abs().sum() == 0
+
+
+def test_contrastive_and_negatives():
+    fi = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    ft = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(2.0)
+    i2t, t2i, loss = losses.vlmo_contrastive(fi, ft, scale)
+    assert torch.allclose(i2t, scale.exp() * fi @ ft.t()) and torch.equal(t2i, i2t.t())
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(loss, (ce(i2t, torch.arange(4)) + ce(t2i, torch.arange(4))) / 2)
+    w = losses.vlmo_negative_weights(torch.randn(2, 6))
+    assert w[0, 0] == 0 and w[1, 1] == 0 and (w[:, 2:] > 0).all()
+    bad = torch.tensor([[float('nan')] * 3, [0.0, 1.0, 2.0]])
+    w = losses.vlmo_negative_weights(bad)
+    assert torch.equal(w[0], torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError):
+        losses.vlmo_negative_weights(torch.zeros(1, 1))
+    assert losses.vlmo_itm_labels(2).tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_mlm_vqa_losses():
+    logits = torch.randn(2, 3, 7)
+    labels = torch.full((2, 3), -100)
+    assert losses.vlmo_mlm_loss(logits, labels).item() == 0.0
+    labels[0, 1] = 3
+    assert torch.allclose(losses.vlmo_mlm_loss(logits, labels), -logits[0, 1].log_softmax(-1)[3])
+    t = losses.vlmo_vqa_targets([[1], [0, 2]], [[0.3], [1.0, 0.6]], 3)
+    assert torch.equal(t, torch.tensor([[0.0, 0.3, 0.0], [1.0, 0.0, 0.6]]))
+    z = torch.zeros(2, 3)
+    assert torch.allclose(losses.vlmo_vqa_loss(z, t), torch.nn.functional.binary_cross_entropy_with_logits(z, t) * 3)
+
+
+def test_lr_factor():
+    f = lambda s: 2e-4 * losses.vlmo_lr_factor(s, 200000, 2500)  # noqa: E731
+    assert f(0) == 0 and abs(f(1) - 8e-8) < 1e-15 and abs(f(2500) - 2e-4) < 1e-15
+    assert abs(f(100000) - 1.01266e-4) < 1e-9 and f(200000) == 0
+
+
+def test_resampling_ratio_and_spline():
+    assert abs(vc.geometric_ratio(27, 47) - 1.090307) < 1e-6
+    assert abs(vc.geometric_ratio(27, 59) - 1.125056) < 1e-6
+    x = vc.source_grid(7, 1.3)
+    E = vc.not_a_knot_matrix(x, x)
+    assert torch.allclose(E, torch.eye(7, dtype=torch.float64), atol=1e-12)  # interpolates
+    xs = torch.tensor(x, dtype=torch.float64)
+    cubic = xs ** 3 - 2 * xs
+    u = torch.linspace(-10, 10, 21, dtype=torch.float64)
+    uc = u.clamp(xs[0], xs[-1])
+    assert torch.allclose(vc.not_a_knot_matrix(x, u) @ cubic, uc ** 3 - 2 * uc, atol=1e-9)  # exact on cubics, clamped
+
+
+def test_checkpoint_rules():
+    m = tiny('nlvr')
+    src = tiny('pretrain').state_dict()
+    src['token_type_embeddings.weight'] = torch.arange(2 * 16.).view(2, 16)
+    missing, unexpected = m.load_pretrained({'state_dict': src})
+    assert missing == [] or all(k.startswith('nlvr2_classifier') for k in missing)
+    tt = m.token_type_embeddings.weight
+    assert torch.equal(tt[2], tt[1]) and torch.equal(tt[0], src['token_type_embeddings.weight'][0])
+    with pytest.raises(ValueError, match='ALBEF'):
+        m.load_pretrained({'model': {'visual_encoder.blocks.0.mlp.fc1.weight': torch.zeros(1)}})
+
+
+def test_stage2_freezing_one_step():
+    m = tiny('textmlm')
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen and all('mlp_imag' in n or 'attn' in n or 'norm1' in n or 'gamma' in n or 'patch_embed' in n
+                          or 'cls_token' in n or 'pooler' in n or 'norm2_imag' in n for n in frozen)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    _, ids, mask = batch(L=8)
+    m.train()
+    m.compute_textmlm(ids, torch.ones_like(ids), torch.where(ids > 20, ids, -100))['mlm_loss'].backward()
+    opt.step()
+    for n, p in m.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
