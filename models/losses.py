@@ -227,3 +227,98 @@ def vlmo_lr_factor(step, max_steps, warmup_steps, power=1.0, end_factor=0.0):
         return end_factor
     remaining = 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return (1.0 - end_factor) * remaining ** power + end_factor
+
+
+# ---- SIMLA (docs/README_simla.md) ------------------------------------------------------------------------------
+# SIMLA (Khan et al., ECCV 2022): cross-modal masked image modelling (MIM, paper Eq. 6-7) and pseudo-keyword
+# prediction (PSL, paper Eq. 8-9), on top of ALBEF's ITC / ITM / MLM above, which SIMLA reuses unchanged.
+def lm_loss_seq_distill(shifted_logits, targets, reduction='mean', soft_labels=None, alpha=0.0):
+    """`lm_loss` whose distillation log-softmax runs over dim 1, the sequence (SIMLA's release decoder, and ALBEF's
+    before its fix): (1 - alpha) * NLL + alpha * sum over non-ignored targets of -sum_v log_softmax(., dim=1) * soft."""
+    loss = lm_loss(shifted_logits, targets, reduction)
+    if soft_labels is None:
+        return loss
+    distill = -torch.sum(F.log_softmax(shifted_logits.float(), dim=1) * soft_labels, dim=-1)
+    distill = (distill * (targets != -100)).sum(1)
+    return (1 - alpha) * loss + alpha * distill
+
+
+def mim_loss(logits, codes, soft_targets=None, alpha=0.0):
+    """MIM over the masked patches: (1 - alpha) * CE(logits, codes) + alpha * mean(-sum_v log_softmax(logits) * soft).
+
+    `logits` [M, V_img] of the M masked patches of the batch (row-major), `codes` [M] their visual-token ids,
+    `soft_targets` [M, V_img] the momentum branch's softmax. Zero (graph kept) when nothing is masked."""
+    logits = logits.float()
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    loss = F.cross_entropy(logits, codes)
+    if soft_targets is None:
+        return loss
+    distill = -torch.sum(F.log_softmax(logits, dim=-1) * soft_targets, dim=-1).mean()
+    return (1 - alpha) * loss + alpha * distill
+
+
+def _order_desc(primary, secondary=None):
+    """Positions [B, L] sorted by `primary` descending, ties by `secondary` descending, then by smaller position."""
+    if secondary is None:
+        return torch.sort(primary, dim=1, descending=True, stable=True).indices
+    first = torch.sort(secondary, dim=1, descending=True, stable=True).indices
+    second = torch.sort(primary.gather(1, first), dim=1, descending=True, stable=True).indices
+    return first.gather(1, second)
+
+
+def psl_head_vote_positions(cls_rows, topk_per_head=4, num_keywords=5):
+    """The release's keyword positions [B, K]: each head's `topk_per_head` most attended key positions of the
+    [CLS]-query row `cls_rows` [B, H, L] vote; the `num_keywords` positions with most votes win.
+
+    Ties are broken deterministically (the release leaves them to torch.topk): within a head by smaller position;
+    between positions by larger summed attention over the heads, then smaller position."""
+    B, H, L = cls_rows.shape
+    rows = cls_rows.float()
+    per_head = torch.sort(rows.reshape(B * H, L), dim=1, descending=True, stable=True).indices
+    per_head = per_head[:, :min(topk_per_head, L)].reshape(B, -1)
+    votes = torch.zeros(B, L, dtype=torch.long, device=rows.device)
+    votes.scatter_add_(1, per_head, torch.ones_like(per_head))
+    return _order_desc(votes, rows.sum(1))[:, :min(num_keywords, L)]
+
+
+def psl_mean_row_positions(cls_rows, attention_mask, num_keywords=4):
+    """The paper-literal reading: the `num_keywords` key positions of largest head-mean attention, position 0 and
+    padding excluded; [B, K] with -1 where a caption has fewer valid positions."""
+    mean = cls_rows.float().mean(1)
+    valid = attention_mask.bool().clone()
+    valid[:, 0] = False
+    order = _order_desc(mean.masked_fill(~valid, float('-inf')))[:, :min(num_keywords, mean.shape[1])]
+    return torch.where(valid.gather(1, order), order, torch.full_like(order, -1))
+
+
+def psl_targets(cls_rows, input_ids, vocab_size, drop_ids, selection='head_vote', topk_per_head=4, num_keywords=5,
+                attention_mask=None):
+    """Multi-hot keyword targets y [B, vocab_size] (float) from the last-layer [CLS]-query attention rows
+    `cls_rows` [B, H, L] of the caption ids [B, L]: the ids at the selected positions (`selection` 'head_vote' or
+    'mean_row'), then y[:, drop_ids] = 0 (the release drops [CLS] only)."""
+    if selection == 'head_vote':
+        positions = psl_head_vote_positions(cls_rows, topk_per_head, num_keywords)
+    elif selection == 'mean_row':
+        if attention_mask is None:
+            raise ValueError("psl selection 'mean_row' needs the caption attention_mask")
+        positions = psl_mean_row_positions(cls_rows, attention_mask, num_keywords)
+    else:
+        raise ValueError(f"psl selection must be 'head_vote' or 'mean_row', got {selection!r}")
+    ids = input_ids.gather(1, positions.clamp_min(0))
+    ids = torch.where(positions >= 0, ids, torch.full_like(ids, vocab_size))  # empty slots: an extra column
+    targets = torch.zeros(input_ids.shape[0], vocab_size + 1, device=input_ids.device)
+    targets.scatter_(1, ids, 1.0)
+    targets = targets[:, :vocab_size].contiguous()
+    for token in drop_ids:
+        targets[:, token] = 0
+    return targets
+
+
+def psl_loss(logits, hard_targets, soft_targets=None, alpha=0.0):
+    """(1 - alpha) * BCE(logits, hard) + alpha * BCE(logits, soft), each the mean over all B x V entries."""
+    logits = logits.float()
+    loss = F.binary_cross_entropy_with_logits(logits, hard_targets)
+    if soft_targets is None:
+        return loss
+    return (1 - alpha) * loss + alpha * F.binary_cross_entropy_with_logits(logits, soft_targets.float())

@@ -127,9 +127,11 @@ class VisionTransformer(nn.Module):
     def forward(self, x, register_blk=-1, mask=None):
         """Image [B, C, H, W] -> tokens. `register_blk`: index of the block whose attention map and gradient are kept
         (Grad-CAM); `mask`: optional bool [B, num_patches], True where the patch embedding is replaced by
-        `mask_token`."""
+        `mask_token`. A tensor in the second place is the mask (SIMLA's release calls `visual_encoder(image, mask)`)."""
         if isinstance(register_blk, torch.Tensor):
-            raise TypeError('register_blk must be an int; pass the patch mask as mask=...')
+            if mask is not None:
+                raise TypeError('register_blk must be an int when mask=... is given')
+            register_blk, mask = -1, register_blk
         if tuple(x.shape[-2:]) != tuple(self.patch_embed.img_size):
             raise ValueError(f'input image size {tuple(x.shape[-2:])} does not match the model image_res '
                              f'{tuple(self.patch_embed.img_size)}; resize images to image_res in the transform')

@@ -5,6 +5,15 @@ Layers `>= fusion_layer` add a cross-attention block whose keys/values read `enc
 multimodal encoder, fed `encoder_embeds`), 'multi_modal' (all). `encoder_hidden_states` may be a list of
 image sequences: layer l then attends to element (l - fusion_layer) % n (the NLVR2 rule).
 
+SIMLA switches (docs/README_simla.md; SIMLA paper, section 2), all off by default so ALBEF is unchanged:
+- `use_token_type_embeddings: false` in the BERT config drops the token-type table (SIMLA's shared BERT has none).
+- `shared_text_fusion: true` with `fusion_layer: 0`: one stream whose every layer has cross-attention; mode 'text'
+  runs all layers with the cross-attention skipped, 'multimodal'/'multi_modal' runs all layers with it.
+- `inputs_embeds=` (the image-query pass): given vectors (ViT tokens) get the BERT position embeddings, LayerNorm
+  and dropout instead of the word embeddings.
+- `output_attentions=` True (every layer run) or layer indices: the post-softmax, pre-dropout self-attention
+  probabilities of those layers in `.attentions` (indexed by layer; None where not kept), via the explicit path.
+
 transformers is used only for `BertConfig`; no modelling code is imported from it.
 """
 import json
@@ -19,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
-from .losses import lm_loss, mlm_loss
+from .losses import lm_loss, lm_loss_seq_distill, mlm_loss
 
 SELF_MASK_VALUE = -10000.0   # xbert get_extended_attention_mask
 CROSS_MASK_VALUE = -1e9      # transformers 4.8.1 invert_attention_mask, fp32 branch
@@ -31,6 +40,7 @@ class BertOutput_:
     last_hidden_state: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
+    attentions: Optional[list] = None
 
 
 def make_bert_config(spec):
@@ -60,23 +70,36 @@ def _activation(name):
 
 
 class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, LayerNorm, dropout."""
+    """Word + position (+ token-type, unless `use_token_type_embeddings` is false) embeddings, LayerNorm, dropout.
+
+    `inputs_embeds` replaces the word (and token-type) term by given vectors (SIMLA's image-query pass)."""
 
     def __init__(self, config):
         super().__init__()
+        self.use_token_type = bool(getattr(config, 'use_token_type_embeddings', True))
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        if self.use_token_type:
+            self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # persistent: every official checkpoint contains embeddings.position_ids
         self.register_buffer('position_ids', torch.arange(config.max_position_embeddings).expand((1, -1)).clone())
 
-    def forward(self, input_ids):
-        seq_length = input_ids.size(1)
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if inputs_embeds is not None:
+            seq_length = inputs_embeds.size(1)
+            if seq_length > self.position_ids.shape[1]:
+                raise ValueError(f'{seq_length} input vectors exceed max_position_embeddings '
+                                 f'{self.position_ids.shape[1]} of the BERT config (the image-query pass adds BERT '
+                                 f'position embeddings to every image token: use a lower image_res)')
+            emb = inputs_embeds
+        else:
+            seq_length = input_ids.size(1)
+            emb = self.word_embeddings(input_ids)
+            if self.use_token_type:
+                emb = emb + self.token_type_embeddings(torch.zeros_like(input_ids))
         position_ids = self.position_ids[:, :seq_length]
-        token_type = torch.zeros_like(input_ids)
-        emb = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type)
         emb = emb + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(emb))
 
@@ -116,7 +139,9 @@ class BertSelfAttention(nn.Module):
     def _heads(self, x):
         return x.view(x.shape[0], x.shape[1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, keep_probs=False):
+        """Context [B, L, hidden]; with `keep_probs` (explicit path) also the post-softmax, pre-dropout
+        probabilities [B, heads, L, N]."""
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         q = self._heads(self.query(hidden_states))
         if isinstance(source, SharedImageTokens):
@@ -125,7 +150,8 @@ class BertSelfAttention(nn.Module):
             k = self._heads(self.key(source))
             v = self._heads(self.value(source))
         capture = self.is_cross_attention and self.save_attention
-        if self.use_sdpa and not capture:
+        probs = None
+        if self.use_sdpa and not capture and not keep_probs:
             mask = None if attention_mask is None else attention_mask.to(q.dtype)
             p = self.dropout.p if self.training else 0.0
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -139,6 +165,8 @@ class BertSelfAttention(nn.Module):
                 probs.register_hook(self.save_attn_gradients)
             context = torch.matmul(self.dropout(probs), v)
         context = context.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+        if keep_probs:
+            return context, probs
         return context
 
 
@@ -197,7 +225,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, is_cross_attention)
         self.output = BertOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None):
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, keep_probs=False):
+        if keep_probs:
+            context, probs = self.self(hidden_states, attention_mask, encoder_hidden_states, keep_probs=True)
+            return self.output(context, hidden_states), probs
         return self.output(self.self(hidden_states, attention_mask, encoder_hidden_states), hidden_states)
 
 
@@ -226,7 +257,10 @@ class BertOutput(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Self-attention -> (cross-attention if layer_num >= fusion_layer) -> feed-forward."""
+    """Self-attention -> (cross-attention if layer_num >= fusion_layer and `cross`) -> feed-forward.
+
+    `cross=False` skips the cross-attention block (the shared-stream 'text' mode); `keep_probs` also returns the
+    self-attention probabilities."""
 
     def __init__(self, config, layer_num):
         super().__init__()
@@ -238,13 +272,19 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, encoder_attention_mask=None):
-        hidden_states = self.attention(hidden_states, attention_mask)
-        if self.has_cross_attention:
+    def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, encoder_attention_mask=None,
+                cross=True, keep_probs=False):
+        probs = None
+        if keep_probs:
+            hidden_states, probs = self.attention(hidden_states, attention_mask, keep_probs=True)
+        else:
+            hidden_states = self.attention(hidden_states, attention_mask)
+        if self.has_cross_attention and cross:
             if encoder_hidden_states is None:
                 raise ValueError(f'layer {self.layer_num} has cross-attention and needs encoder_hidden_states')
             hidden_states = self.crossattention(hidden_states, encoder_attention_mask, encoder_hidden_states)
-        return self.output(self.intermediate(hidden_states), hidden_states)
+        out = self.output(self.intermediate(hidden_states), hidden_states)
+        return (out, probs) if keep_probs else out
 
 
 class BertEncoder(nn.Module):
@@ -253,31 +293,48 @@ class BertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.shared_stream = bool(getattr(config, 'shared_text_fusion', False))
+        if self.shared_stream and config.fusion_layer != 0:
+            raise ValueError(f'shared_text_fusion needs fusion_layer 0 (cross-attention in every layer), got '
+                             f'{config.fusion_layer}')
         self.layer = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
     def layer_range(self, mode):
-        """Indices [start, end) of the layers run in `mode`."""
+        """Indices [start, end) of the layers run in `mode` ('multimodal' is another name of 'multi_modal')."""
         fusion, total = self.config.fusion_layer, self.config.num_hidden_layers
-        ranges = {'text': (0, fusion), 'fusion': (fusion, total), 'multi_modal': (0, total)}
+        if self.shared_stream:
+            ranges = {'text': (0, total), 'multi_modal': (0, total), 'multimodal': (0, total)}
+        else:
+            ranges = {'text': (0, fusion), 'fusion': (fusion, total), 'multi_modal': (0, total),
+                      'multimodal': (0, total)}
         if mode not in ranges:
-            raise ValueError(f"mode must be one of {sorted(ranges)}, got {mode!r}")
+            raise ValueError(f"mode must be one of {sorted(ranges)}, got {mode!r}"
+                             + (' (a shared-stream BERT has no fusion mode)' if self.shared_stream else ''))
         return ranges[mode]
 
     def forward(self, hidden_states, attention_mask, encoder_hidden_states=None, encoder_attention_mask=None,
-                mode='multi_modal'):
+                mode='multi_modal', keep_probs=()):
+        """Final states; with `keep_probs` (layer indices) also {layer: self-attention probabilities}."""
         start, end = self.layer_range(mode)
         fusion = self.config.fusion_layer
+        cross = mode != 'text'  # ALBEF's text range holds no cross-attention layer; the shared stream skips them
+        kept = {}
         for i in range(start, end):
             enc, enc_mask = encoder_hidden_states, encoder_attention_mask
             if isinstance(enc, (list, tuple)):
                 j = (i - fusion) % len(enc)
                 enc, enc_mask = enc[j], enc_mask[j]
             layer = self.layer[i]
-            if self.gradient_checkpointing and self.training:
-                hidden_states = checkpoint(layer, hidden_states, attention_mask, enc, enc_mask, use_reentrant=False)
+            if i in keep_probs:
+                hidden_states, kept[i] = layer(hidden_states, attention_mask, enc, enc_mask, cross, True)
+            elif self.gradient_checkpointing and self.training:
+                hidden_states = checkpoint(layer, hidden_states, attention_mask, enc, enc_mask, cross,
+                                           use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, attention_mask, enc, enc_mask)
+                hidden_states = layer(hidden_states, attention_mask, enc, enc_mask, cross)
+        if keep_probs:
+            return hidden_states, kept
         return hidden_states
 
 
@@ -325,20 +382,30 @@ class BertModel(nn.Module):
         self.apply(lambda m: _init_bert_weights(m, self.config.initializer_range))
 
     def forward(self, input_ids=None, attention_mask=None, encoder_embeds=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, return_dict=True, is_decoder=False, mode='multi_modal', **unused):
+                encoder_attention_mask=None, return_dict=True, is_decoder=False, mode='multi_modal',
+                inputs_embeds=None, output_attentions=False, **unused):
         if encoder_embeds is not None:
             hidden = encoder_embeds
+        elif inputs_embeds is not None:
+            hidden = self.embeddings(inputs_embeds=inputs_embeds)
         elif input_ids is not None:
             hidden = self.embeddings(input_ids)
         else:
-            raise ValueError('BertModel needs input_ids or encoder_embeds')
+            raise ValueError('BertModel needs input_ids, inputs_embeds or encoder_embeds')
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         self_mask = extended_self_mask(attention_mask, is_decoder, hidden.dtype)
         if encoder_hidden_states is not None:
             encoder_attention_mask = self._cross_masks(encoder_hidden_states, encoder_attention_mask, hidden.dtype)
-        hidden = self.encoder(hidden, self_mask, encoder_hidden_states, encoder_attention_mask, mode=mode)
-        return BertOutput_(last_hidden_state=hidden)
+        if not output_attentions:
+            hidden = self.encoder(hidden, self_mask, encoder_hidden_states, encoder_attention_mask, mode=mode)
+            return BertOutput_(last_hidden_state=hidden)
+        n = self.config.num_hidden_layers
+        start, end = self.encoder.layer_range(mode)
+        layers = range(start, end) if output_attentions is True else [i % n for i in output_attentions]
+        hidden, kept = self.encoder(hidden, self_mask, encoder_hidden_states, encoder_attention_mask, mode=mode,
+                                    keep_probs=frozenset(layers))
+        return BertOutput_(last_hidden_state=hidden, attentions=[kept.get(i) for i in range(n)])
 
     @staticmethod
     def _cross_masks(states, masks, dtype):
@@ -400,11 +467,18 @@ class _BertWithHead(nn.Module):
 
 
 class BertForMaskedLM(_BertWithHead):
-    """Masked LM with optional soft-label distillation (momentum distillation, paper section 3.3)."""
+    """Masked LM with optional soft-label distillation (momentum distillation, paper section 3.3).
+
+    `softmax_dim` of the distillation term: None takes the instance's `distill_softmax_dim` ('vocab'; SIMLA sets
+    'seq' to reproduce its release)."""
+
+    distill_softmax_dim = 'vocab'
 
     def forward(self, input_ids=None, attention_mask=None, encoder_embeds=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, labels=None, return_dict=True, return_logits=False, is_decoder=False,
-                mode='multi_modal', soft_labels=None, alpha=0, softmax_dim='vocab', **unused):
+                mode='multi_modal', soft_labels=None, alpha=0, softmax_dim=None, **unused):
+        if softmax_dim is None:
+            softmax_dim = self.distill_softmax_dim
         out = self.bert(input_ids, attention_mask=attention_mask, encoder_embeds=encoder_embeds,
                         encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                         is_decoder=is_decoder, mode=mode)
@@ -432,7 +506,11 @@ class BertForMaskedLM(_BertWithHead):
 
 
 class BertLMHeadModel(_BertWithHead):
-    """Causal LM (answer decoder): shifted logits, per-sequence summed loss, soft labels (paper section 3.3)."""
+    """Causal LM (answer decoder): shifted logits, per-sequence summed loss, soft labels (paper section 3.3).
+
+    `distill_softmax_dim` 'seq' (SIMLA's release) takes the distillation log-softmax over the sequence dimension."""
+
+    distill_softmax_dim = 'vocab'
 
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 labels=None, return_dict=True, return_logits=False, is_decoder=True, reduction='mean',
@@ -443,7 +521,10 @@ class BertLMHeadModel(_BertWithHead):
         if return_logits:
             return logits[:, :-1, :].contiguous()
         loss = None
-        if labels is not None:
+        if labels is not None and soft_labels is not None and self.distill_softmax_dim == 'seq':
+            loss = lm_loss_seq_distill(logits[:, :-1, :].contiguous(), labels[:, 1:].contiguous(), reduction,
+                                       soft_labels, alpha)
+        elif labels is not None:
             loss = lm_loss(logits[:, :-1, :].contiguous(), labels[:, 1:].contiguous(), reduction, soft_labels, alpha)
         return BertOutput_(last_hidden_state=out.last_hidden_state, logits=logits, loss=loss)
 
