@@ -163,3 +163,20 @@ def test_tensorboard_true_writes_scalar_events_of_steps_and_epochs(world):
     assert len(scalars['train/loss_ita']) == len(steps) == 8  # 2 epochs x 4 steps, one point per logged step
     assert [round(v, 5) for _, v in scalars['train/loss_ita']] == [pytest.approx(s['loss_ita'], abs=1e-5) for s in steps]
     assert [step for step, _ in scalars['epoch/val_r_mean']] == [0, 1]
+
+
+def test_deterministic_runs_are_bit_identical_with_two_threads_and_workers(world):
+    root, config = world
+    config.update(deterministic=True, num_workers=2)
+    config['schedular'] = dict(config['schedular'], epochs=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two intra-op threads: index_put's accumulation order then varies unless deterministic
+    try:
+        run_retrieval(root, config, '--output_dir', str(root / 'a'))
+        assert torch.are_deterministic_algorithms_enabled()
+        run_retrieval(root, config, '--output_dir', str(root / 'b'))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    a, b = final_weights(root / 'a' / 'checkpoint_last.pth'), final_weights(root / 'b' / 'checkpoint_last.pth')
+    assert all(torch.equal(a[k], b[k]) for k in a)
