@@ -55,6 +55,8 @@ KIND_OF_FILE = {
     'test_robustness.py': 'e2e',
     'test_scheduler.py': 'unit',
     'test_shards.py': 'unit',
+    'test_simla_losses.py': 'unit',
+    'test_simla_parity.py': 'parity',
     'test_speed_paths.py': 'unit',
     'test_synthetic.py': 'unit',
     'test_synthetic_deit.py': 'unit',

@@ -1,0 +1,156 @@
+"""SIMLA's pure pieces: the MIM and PSL losses and the keyword rule (models/losses.py, SIMLA section), the block-wise
+patch mask generator (dataset/simla_masking.py), the color_quant visual tokenizer
+(models/simla/visual_tokenizer.py) and the shared-stream BERT switches (models/xbert.py) on tiny sizes."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataset.simla_masking import BlockMaskGenerator
+from models import losses
+from models.simla.visual_tokenizer import ColorQuantTokenizer, build_visual_tokenizer, map_pixels
+from models.xbert import BertModel
+
+# ---- PSL keyword rule: the worked example of SIMLA.md section 5.7 --------------------------------------------------
+ROWS = torch.tensor([[.30, .07, .15, .25, .05, .06, .12, 0],
+                     [.35, .05, .20, .18, .04, .10, .08, 0],
+                     [.30, .25, .06, .18, .05, .07, .09, 0],
+                     [.28, .06, .24, .08, .12, .17, .05, 0]])[None]  # [B=1, H=4, L=8]
+CLS, PAD = 101, 0
+IDS = torch.tensor([[CLS, 11, 12, 13, 14, 15, 16, PAD]])  # w1..w6 = 11..16
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+
+
+def keywords(targets):
+    return set(torch.nonzero(targets[0]).flatten().tolist())
+
+
+def test_head_vote_and_mean_row_give_the_worked_example():
+    hv = losses.psl_targets(ROWS, IDS, 200, [CLS], 'head_vote', 4, 5, MASK)
+    assert keywords(hv) == {12, 13, 15, 16} and hv[0, CLS] == 0
+    mr = losses.psl_targets(ROWS, IDS, 200, [CLS], 'mean_row', 4, 4, MASK)
+    assert keywords(mr) == {11, 12, 13, 15}
+
+
+def test_a_one_word_caption_selects_pad_unless_dropped():
+    ids = torch.tensor([[CLS, 11, PAD, PAD, PAD, PAD]])
+    rows = torch.tensor([[.6, .4, 0, 0, 0, 0]]).expand(1, 2, 6)
+    assert keywords(losses.psl_targets(rows, ids, 200, [CLS], 'head_vote', 4, 5)) == {11, PAD}
+    assert keywords(losses.psl_targets(rows, ids, 200, [CLS, PAD, 102, 103], 'head_vote', 4, 5)) == {11}
+
+
+def test_ties_are_broken_by_summed_attention_then_position():
+    # every head attends uniformly: each head's top-4 is positions 0..3 (smaller positions first)
+    rows = torch.full((1, 2, 6), 1 / 6)
+    pos = losses.psl_head_vote_positions(rows, topk_per_head=4, num_keywords=5)
+    assert pos.tolist() == [[0, 1, 2, 3, 4]]
+    # equal votes, larger summed attention wins
+    rows = torch.tensor([[[.5, .3, .1, .1], [.5, .1, .35, .05]]])  # votes p1 = p2 = 1; sums .4 < .45
+    assert losses.psl_head_vote_positions(rows, 2, 2).tolist() == [[0, 2]]
+
+
+def test_psl_loss_is_the_mean_bce_over_batch_and_vocabulary():
+    z = torch.tensor([[0.5, -1.0, 2.0, 0.0, -0.3, 1.2], [1.0, 0.1, -2.0, 0.4, 0.0, -0.7]])
+    y = torch.tensor([[1., 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]])
+    soft = torch.sigmoid(torch.randn(2, 6))
+    p = torch.sigmoid(z)
+    by_hand = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+    assert torch.allclose(losses.psl_loss(z, y), by_hand, atol=1e-6)
+    assert torch.allclose(losses.psl_loss(z, y, soft, 0.0), by_hand, atol=1e-6)
+    soft_term = -(soft * p.log() + (1 - soft) * (1 - p).log()).mean()
+    assert torch.allclose(losses.psl_loss(z, y, soft, 1.0), soft_term, atol=1e-6)
+
+
+def test_mim_loss_hard_soft_and_empty():
+    logits, codes = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    soft = F.softmax(torch.randn(5, 7), dim=-1)
+    assert torch.allclose(losses.mim_loss(logits, codes, soft, 0.0), F.cross_entropy(logits, codes))
+    distill = -(F.log_softmax(logits, -1) * soft).sum(-1).mean()
+    assert torch.allclose(losses.mim_loss(logits, codes, soft, 1.0), distill)
+    empty = torch.zeros(0, 7, requires_grad=True)
+    out = losses.mim_loss(empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, 7), 0.4)
+    assert out.item() == 0.0 and out.requires_grad
+
+
+# ---- block-wise mask generator -------------------------------------------------------------------------------------
+def test_mask_generator_budget_mean_and_determinism():
+    rng = random.Random(0)
+    gen = BlockMaskGenerator((16, 16), 75, min_num_patches=16, rng=rng)
+    counts = np.array([gen().sum() for _ in range(2000)])
+    assert counts.max() <= 75 and counts.mean() >= 73
+    small = BlockMaskGenerator((4, 4), 5, min_num_patches=2, rng=random.Random(1))
+    assert all(small().sum() <= 5 for _ in range(200))
+    a = BlockMaskGenerator((4, 4), 5, min_num_patches=2, rng=random.Random(7))
+    b = BlockMaskGenerator((4, 4), 5, min_num_patches=2, rng=random.Random(7))
+    assert all(np.array_equal(a(), b()) for _ in range(20))
+    assert a().dtype == bool and a().shape == (4, 4)
+
+
+# ---- color_quant tokenizer -----------------------------------------------------------------------------------------
+def test_color_quant_codes_follow_the_cell_mean_colour():
+    tok = ColorQuantTokenizer(grid=2, levels=4)
+    assert tok.vocab_size == 64
+    img = torch.zeros(1, 3, 8, 8)
+    img[0, 0, :4, :4] = 1.0            # top-left red
+    img[0, 2, 4:, 4:] = 0.5            # bottom-right half blue
+    codes = tok.encode(map_pixels(img))
+    assert codes.dtype == torch.long and codes.shape == (1, 2, 2)
+    assert codes[0, 0, 0] == 3 * 16 and codes[0, 1, 1] == 2 and codes[0, 0, 1] == 0
+    cfg = {'image_res': 32, 'vit': {'patch_size': 8}, 'mim': {'tokenizer': 'color_quant', 'vocab_size': 64}}
+    assert build_visual_tokenizer(cfg).encode(torch.rand(2, 3, 16, 16)).shape == (2, 4, 4)
+
+
+def test_dalle_without_a_local_encoder_names_the_config_key():
+    cfg = {'image_res': 256, 'mim': {'tokenizer': 'dalle', 'tokenizer_path': None}}
+    with pytest.raises(FileNotFoundError, match='mim.tokenizer_path'):
+        build_visual_tokenizer(cfg)
+
+
+# ---- the shared-stream BERT ----------------------------------------------------------------------------------------
+TINY = dict(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, intermediate_size=32,
+            max_position_embeddings=20, encoder_width=16, fusion_layer=0, shared_text_fusion=True,
+            use_token_type_embeddings=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_shared_stream_modes_and_the_image_query_pass():
+    torch.manual_seed(0)
+    bert = BertModel(TINY).eval()
+    assert 'embeddings.token_type_embeddings.weight' not in bert.state_dict()
+    calls = []
+    for layer in bert.encoder.layer:
+        layer.crossattention.register_forward_hook(lambda *a: calls.append(1))
+    ids, mask = torch.randint(1, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    image = torch.randn(2, 7, 16)
+    bert(ids, attention_mask=mask, mode='text')
+    assert not calls
+    bert(ids, attention_mask=mask, encoder_hidden_states=image, mode='multimodal')
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match='fusion'):
+        bert(ids, attention_mask=mask, mode='fusion')
+    # image query: image tokens as inputs, caption embeddings as keys, the caption padding respected
+    caption = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    cmask = (caption != 0).long()
+    ctx = bert.embeddings(caption)
+    out = bert(inputs_embeds=image, encoder_hidden_states=ctx, encoder_attention_mask=cmask).last_hidden_state
+    assert out.shape == (2, 7, 16)
+    other = caption.clone()
+    other[1, 3] = 30  # a padded position
+    out2 = bert(inputs_embeds=image, encoder_hidden_states=bert.embeddings(other),
+                encoder_attention_mask=cmask).last_hidden_state
+    assert torch.allclose(out, out2, atol=1e-6)
+    # BERT position embeddings are added: swapping two tokens is not just swapping their outputs
+    swapped = image[:, [1, 0, 2, 3, 4, 5, 6]]
+    out3 = bert(inputs_embeds=swapped, encoder_hidden_states=ctx, encoder_attention_mask=cmask).last_hidden_state
+    assert not torch.allclose(out3[:, 0], out[:, 1], atol=1e-5)
+    with torch.no_grad():
+        bert.embeddings.position_embeddings.weight.zero_()  # without them the pass is permutation-equivariant
+    out = bert(inputs_embeds=image, encoder_hidden_states=ctx, encoder_attention_mask=cmask).last_hidden_state
+    out3 = bert(inputs_embeds=swapped, encoder_hidden_states=ctx, encoder_attention_mask=cmask).last_hidden_state
+    assert torch.allclose(out3[:, 0], out[:, 1], atol=1e-5)
+    with pytest.raises(ValueError, match='max_position_embeddings'):
+        bert(inputs_embeds=torch.randn(1, 21, 16), encoder_hidden_states=ctx[:1], encoder_attention_mask=cmask[:1])
+    att = bert(ids, attention_mask=mask, encoder_hidden_states=image, output_attentions=[-1]).attentions
+    assert att[0] is None and att[2].shape == (2, 4, 5, 5)
+    assert torch.allclose(att[2].sum(-1), torch.ones(2, 4, 5))
