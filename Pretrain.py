@@ -10,7 +10,7 @@ import os
 import engine
 import utils
 from dataset import build_collate_fn, create_dataset, create_loader, static_shape_options
-from evaluation.retrieval import itc_retrieval
+from evaluation.retrieval import extract_image_features, extract_text_features, itc_retrieval
 from models.tokenization import build_tokenizer
 
 
@@ -44,21 +44,22 @@ def main(args):
     def evaluate(m, epoch):
         if zs_loader is None or not utils.is_main_process():
             return {}
+        extra = model_metrics(m, zs_loader, tokenizer, device)  # first: it reads the training epoch's statistics
         metrics = itc_retrieval(m, zs_loader, tokenizer, device)
         print(f'zero-shot ITC retrieval after epoch {epoch}: ' + _fmt(metrics))
-        return {f'zeroshot_{k}': round(v, 3) for k, v in metrics.items()}
+        return {**{f'zeroshot_{k}': round(v, 3) for k, v in metrics.items()}, **extra}
 
     before = None
     if zs_loader is not None and utils.is_main_process() and args.resume is None:
         before = itc_retrieval(model, zs_loader, tokenizer, device)
         print('zero-shot ITC retrieval before training: ' + _fmt(before))
         utils.append_jsonl(os.path.join(args.output_dir, 'log.txt'),
-                           {'epoch': -1, **{f'zeroshot_{k}': round(v, 3) for k, v in before.items()}})
+                           {'epoch': -1, **{f'zeroshot_{k}': round(v, 3) for k, v in before.items()},
+                            **model_metrics(model, zs_loader, tokenizer, device)})
 
     def step(m, batch, alpha):
         image, text = batch
-        loss_mlm, loss_ita, loss_itm = m(image, text, alpha=alpha)
-        return {'loss_mlm': loss_mlm, 'loss_ita': loss_ita, 'loss_itm': loss_itm}
+        return step_outputs(m(image, text, alpha=alpha))
 
     result = engine.fit(args, config, model, loader, step, evaluate_fn=evaluate, ramp_alpha=True,
                         train_sampler=sampler)
@@ -67,6 +68,30 @@ def main(args):
     if utils.is_main_process():
         print_summary(result.records, before)
     engine.destroy()
+
+
+PRETRAIN_LOSSES = ('loss_mlm', 'loss_ita', 'loss_itm')
+
+
+def step_outputs(out):
+    """A pretraining model's forward output as the step's dict: a model that returns a dict of named losses and
+    monitoring values (CODIS) gives it as is; ALBEF's official forward returns (loss_mlm, loss_ita, loss_itm)."""
+    return dict(out) if isinstance(out, dict) else dict(zip(PRETRAIN_LOSSES, out))
+
+
+def model_metrics(model, loader, tokenizer, device):
+    """What a model family adds to the evaluation through its `evaluation_metrics(image_embeds, text_embeds,
+    txt2img)` method (CODIS: codebook usage and held-out image-text code agreement); {} for a model without one."""
+    if not hasattr(model, 'evaluation_metrics'):
+        return {}
+    was_training = model.training
+    model.eval()
+    _, _, text_embeds = extract_text_features(model, loader.dataset.text, tokenizer, device)
+    _, image_embeds = extract_image_features(model, loader, device)
+    metrics = model.evaluation_metrics(image_embeds, text_embeds, loader.dataset.txt2img)
+    model.train(was_training)
+    print('codebook metrics: ' + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def print_summary(records, before):

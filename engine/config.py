@@ -111,8 +111,32 @@ QUIRK_FLAGS = {
 # never edit each other's lines.
 _SIMLA_KEYS: dict[str, Key] = {}
 _SIMLA_BLOCKS: dict[str, dict[str, Key]] = {}
-_CODIS_KEYS: dict[str, Key] = {}
-_CODIS_BLOCKS: dict[str, dict[str, Key]] = {}
+_CODIS_KEYS: dict[str, Key] = {
+    # CODIS (models/codis.py, docs/README_codis.md): every key of the block is a labelled default "CODIS D-n"
+    "codis": Key(MAP),
+}
+_CODIS_BLOCKS: dict[str, dict[str, Key]] = {
+    "codis": {
+        # D-1 the codebook: K codes of the ITC embedding size, shared by both modalities, normal init, unit rows;
+        # an EMA copy for the teacher side when codebook_momentum
+        "codebook_size": Key(INT), "codebook_dim": Key(INT, nullable=True), "codebook_init": Key(STR, ("normal",)),
+        "codebook_proj": Key(STR, ("shared",)), "codebook_momentum": Key(BOOL),
+        # D-6 unit rows re-imposed every step; no codebook gradient for the first freeze_iters steps
+        "codebook_renormalize": Key(BOOL), "codebook_freeze_iters": Key(INT),
+        # D-5 Sinkhorn-Knopp teacher codes: eps, iterations (0 = softmax(S/eps)), queue samples (null = K - G),
+        # one problem per modality or a joint one
+        "sinkhorn_eps": Key(NUM), "sinkhorn_iters": Key(INT), "sinkhorn_queue_samples": Key(INT, nullable=True),
+        "sinkhorn_joint": Key(BOOL),
+        # D-4 student temperature, the cross-modal code loss, the same-modality term, the step it starts
+        "code_temp": Key(NUM), "code_loss": Key(STR, ("swapped", "assignment_contrast")), "code_intra": Key(BOOL),
+        "code_start_iter": Key(INT),
+        # D-3 in-modal contrast: the positive view and momentum distillation on it
+        "intra_view": Key(STR, ("same",)), "intra_distill": Key(BOOL),
+        # D-2 loss weights
+        "weight_itc": Key(NUM), "weight_intra": Key(NUM), "weight_code": Key(NUM), "weight_itm": Key(NUM),
+        "weight_mlm": Key(NUM),
+    },
+}
 _VLMO_KEYS: dict[str, Key] = {}
 _VLMO_BLOCKS: dict[str, dict[str, Key]] = {}
 _SYNTHETIC_KEYS: dict[str, Key] = {

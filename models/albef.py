@@ -191,8 +191,14 @@ class AlbefBase(MomentumMixin, nn.Module):
         sim_i2t = image_feat @ text_feat_all / self.temp
         sim_t2i = text_feat @ image_feat_all / self.temp
         loss_ita = losses.itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+        self.before_enqueue(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
         return ItcOutput(loss_ita, image_embeds, text_embeds, image_embeds_m, sim_i2t, sim_t2i)
+
+    def before_enqueue(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha):
+        """Called by `itc_forward` with the online and momentum unit features while the queues still hold their
+        state before this step's enqueue; ALBEF does nothing here (a family's extra objectives, e.g. CODIS's
+        codebook terms, read the features and queues here)."""
 
     def sample_negatives(self, sim_i2t, sim_t2i, idx=None):
         """Hard negatives (same-image pairs excluded when `idx` is given): an image per text, then a text per image."""

@@ -229,6 +229,107 @@ def vlmo_lr_factor(step, max_steps, warmup_steps, power=1.0, end_factor=0.0):
     return (1.0 - end_factor) * remaining ** power + end_factor
 
 
+# ---- CODIS (docs/README_codis.md) ------------------------------------------------------------------------------
+# CODIS (Duan et al., CVPR 2022) aligns image and text through their assignments to a shared codebook. No code or
+# equation of the paper is public: every formula below is a labelled default of the reconstruction ("CODIS D-n",
+# listed in docs/README_codis.md) and each alternative is selected by a config value of the `codis:` block.
+def codebook_scores(features, codebook, temp=1.0):
+    """Cosine scores of unit `features` [N, d] against the row-normalised `codebook` [K, d], divided by `temp`, in
+    fp32 (CODIS D-1: the codes live in the ITC embedding space)."""
+    return features.float() @ F.normalize(codebook.float(), dim=-1).t() / temp
+
+
+def sinkhorn(scores, eps=0.05, iters=3):
+    """Equipartitioned soft codes [N, K] of the scores [N, K] (CODIS D-5: SwAV's Sinkhorn-Knopp), fp32, no gradient.
+
+    The SwAV iteration on P = exp(S / eps)^T [K, N]: `iters` times, each cluster row is divided by its sum and by K,
+    then each sample column by its sum and by N; the result is N * P^T, so every sample's codes sum to 1 and every
+    cluster's mass tends to N / K. It runs in log space (the same iteration, written with logsumexp), so a small eps
+    never underflows to 0/0 in fp32. iters 0 gives the per-sample softmax(S / eps) (no equipartition).
+    """
+    with torch.no_grad():
+        logits = scores.detach().float() / eps
+        if iters == 0:
+            return F.softmax(logits, dim=1)
+        n, k = logits.shape
+        log_p = logits - torch.logsumexp(logits.reshape(-1), dim=0)  # P / sum(P)
+        log_n, log_k = torch.log(torch.tensor(float(n))), torch.log(torch.tensor(float(k)))
+        for _ in range(iters):
+            log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) - log_k  # each cluster: sum 1 / K
+            log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) - log_n  # each sample: sum 1 / N
+        return torch.exp(log_p + log_n)
+
+
+def code_cross_entropy(targets, student_logits):
+    """H(q, p) = -mean_b sum_k q_bk log p_bk with p = softmax(student_logits); the targets are constants."""
+    return -torch.sum(targets.detach() * F.log_softmax(student_logits.float(), dim=1), dim=1).mean()
+
+
+def code_swap_loss(q_image, q_text, logits_image, logits_text):
+    """CODIS D-4 (`code_loss: swapped`): 1/2 [H(q_text, p_image) + H(q_image, p_text)], the text teacher's codes are
+    the image student's targets and the image teacher's codes the text student's."""
+    return (code_cross_entropy(q_text, logits_image) + code_cross_entropy(q_image, logits_text)) / 2
+
+
+def code_intra_loss(q_image, q_text, logits_image, logits_text):
+    """CODIS D-4 (`code_intra: true`): the same-modality term 1/2 [H(q_image, p_image) + H(q_text, p_text)]."""
+    return (code_cross_entropy(q_image, logits_image) + code_cross_entropy(q_text, logits_text)) / 2
+
+
+def assignment_contrast_loss(q_image, q_text, logits_image, logits_text, offset=0):
+    """CODIS D-4 alternative (`code_loss: assignment_contrast`): InfoNCE over code assignments.
+
+    s(b, j) = sum_k q_text[j, k] log p_image[b, k] for every teacher row j (the global batch, [G, K]); softmax over j
+    with target j = offset + b; symmetric for the text students; the mean of both directions.
+    """
+    logp_image = F.log_softmax(logits_image.float(), dim=1)
+    logp_text = F.log_softmax(logits_text.float(), dim=1)
+    target = torch.arange(logits_image.shape[0], device=logits_image.device) + offset
+    s_i = logp_image @ q_text.detach().float().t()
+    s_t = logp_text @ q_image.detach().float().t()
+    return (F.cross_entropy(s_i, target) + F.cross_entropy(s_t, target)) / 2
+
+
+def intra_contrast(feat, feat_m, queue, temp, alpha=0.0, distill=False):
+    """CODIS D-3 in-modal contrast of one modality: S = f . [f_m ; queue] / temp [B, B + Q], target the in-batch
+    diagonal (the teacher's feature of the same input); with `distill`, ALBEF's momentum-distillation targets
+    alpha * softmax(f_m . [f_m ; queue] / temp) + (1 - alpha) * one-hot. `queue` is [d, Q] as stored."""
+    keys = torch.cat([feat_m.t(), queue.detach()], dim=1)
+    sim = feat @ keys / temp
+    with torch.no_grad():
+        targets = identity_targets(sim)
+        if distill:
+            targets = distill_targets(feat_m @ keys / temp, targets, alpha)
+    return soft_cross_entropy(sim, targets)
+
+
+def recent_queue_columns(queue, ptr, n):
+    """The `n` queue columns written most recently before pointer `ptr` (ptr - n ... ptr - 1, modulo Q), oldest
+    first, as rows [n, d] (CODIS D-5: the teacher samples of Sinkhorn beyond the batch)."""
+    size = queue.shape[1]
+    n = min(int(n), size)
+    cols = (torch.arange(n, device=queue.device) + int(ptr) - n) % size
+    return queue[:, cols].t()
+
+
+def code_perplexity(probs):
+    """exp(entropy of the mean code distribution) of probs [N, K]: K when codes are used evenly, 1 at collapse."""
+    mean = probs.float().mean(0)
+    return torch.exp(-(mean * torch.log(mean.clamp_min(1e-12))).sum())
+
+
+def code_agreement(logits_image, logits_text):
+    """Fraction of pairs whose image and text argmax codes are equal."""
+    return (logits_image.argmax(1) == logits_text.argmax(1)).float().mean()
+
+
+def agreement_by_chance(codes_image, codes_text, k):
+    """The agreement of independent codes with the observed marginals: sum_k freq_image(k) * freq_text(k)."""
+    fi = torch.bincount(codes_image, minlength=k).float() / max(1, codes_image.numel())
+    ft = torch.bincount(codes_text, minlength=k).float() / max(1, codes_text.numel())
+    return float((fi * ft).sum())
+
+
 # ---- SIMLA (docs/README_simla.md) ------------------------------------------------------------------------------
 # SIMLA (Khan et al., ECCV 2022): cross-modal masked image modelling (MIM, paper Eq. 6-7) and pseudo-keyword
 # prediction (PSL, paper Eq. 8-9), on top of ALBEF's ITC / ITM / MLM above, which SIMLA reuses unchanged.

@@ -107,3 +107,41 @@ def _albef_tasks():
 
 
 register_family('albef', _albef_tasks())
+
+
+# ---- the CODIS family (a reconstruction, docs/README_codis.md) ----------------------------------------------------
+def _codis_tasks():
+    """CODIS pretraining (models/codis.py) and ALBEF's downstream task models, whose start-from-a-file rules first
+    drop the CODIS-only keys (the codebook) of a CODIS checkpoint and report them."""
+    import os
+    import tempfile
+
+    import torch
+
+    from . import checkpoint as ckpt
+    from . import codis
+
+    def load_pretrain(model, path, config):
+        return ckpt.load_pretrain_checkpoint(model, path)
+
+    def dropping_codebook(albef_rule):
+        def load(model, path, config):
+            sd = ckpt.load_state_dict_file(path)
+            dropped = [k for k in sd if k.split('.', 1)[0] in ('codebook', 'codebook_m')]
+            if not dropped:
+                return albef_rule(model, path, config)
+            print(f'dropped CODIS-only keys: {", ".join(dropped)}')
+            with tempfile.TemporaryDirectory() as tmp:  # ALBEF's rules read a file: hand them the file without them
+                kept = os.path.join(tmp, os.path.basename(str(path)))
+                torch.save({k: v for k, v in sd.items() if k not in dropped}, kept)
+                return albef_rule(model, kept, config)
+        return load
+
+    albef = _albef_tasks()
+    tasks = {task: TaskSpec(spec.model_class, dropping_codebook(spec.load_checkpoint), spec.optimizer_groups)
+             for task, spec in albef.items() if task != 'pretrain'}
+    tasks['pretrain'] = TaskSpec(codis.CODIS, load_pretrain)
+    return tasks
+
+
+register_family('codis', _codis_tasks())

@@ -24,6 +24,7 @@ torch.set_num_threads(1)
 KINDS = ('unit', 'parity', 'e2e', 'learning')
 KIND_OF_FILE = {
     'test_bf16_curves.py': 'unit',
+    'test_codis.py': 'unit',
     'test_configs.py': 'unit',
     'test_data_datasets.py': 'unit',
     'test_data_image_io.py': 'unit',
