@@ -145,3 +145,34 @@ def _codis_tasks():
 
 
 register_family('codis', _codis_tasks())
+
+
+# ---- the SIMLA family (docs/README_simla.md) ---------------------------------------------------------------------
+def _simla_tasks():
+    """SIMLA's task models (models/simla/) and start-from-a-file rules (models/simla/checkpoint.py), each refusing
+    an ALBEF checkpoint with a message that says which is which."""
+    from .simla import checkpoint as simla_ckpt
+    from .simla import nlvr, pretrain, pretrain_nlvr, retrieval, ve, vqa
+
+    def spec(model_class, loader):
+        return TaskSpec(model_class, simla_ckpt.refusing('simla', loader))
+
+    retrieval_spec = spec(retrieval.SIMLA, simla_ckpt.load_retrieval)
+    return {'pretrain': spec(pretrain.SIMLA, simla_ckpt.load_pretrain),
+            'retrieval': retrieval_spec,
+            'grounding': retrieval_spec,
+            'vqa': spec(vqa.SIMLA, simla_ckpt.load_vqa),
+            'nlvr': spec(nlvr.SIMLA, simla_ckpt.load_nlvr),
+            've': spec(ve.SIMLA, simla_ckpt.load_ve),
+            'pretrain_nlvr': spec(pretrain_nlvr.SIMLA, simla_ckpt.load_ta)}
+
+
+def _albef_refusing_simla():
+    """The ALBEF family's rules, each first refusing a SIMLA checkpoint (the ALBEF path is otherwise unchanged)."""
+    from .simla.checkpoint import refusing
+    return {task: TaskSpec(s.model_class, refusing('albef', s.load_checkpoint), s.optimizer_groups)
+            for task, s in _FAMILIES['albef'].items()}
+
+
+register_family('simla', _simla_tasks())
+register_family('albef', _albef_refusing_simla())

@@ -56,6 +56,7 @@ KIND_OF_FILE = {
     'test_robustness.py': 'e2e',
     'test_scheduler.py': 'unit',
     'test_shards.py': 'unit',
+    'test_simla_checkpoint.py': 'parity',
     'test_simla_losses.py': 'unit',
     'test_simla_parity.py': 'parity',
     'test_speed_paths.py': 'unit',
