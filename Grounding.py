@@ -11,7 +11,7 @@ Several GPUs: torchrun --nproc_per_node=8 Grounding.py ...
 import engine
 import utils
 from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
-from engine.tasks import fit_retrieval_model
+from engine.tasks import fit_retrieval_model, train_or_evaluate
 from evaluation.grounding import compute_gradcams, grounding_accuracy, random_proposal_accuracy
 from evaluation.refer import RefCOCO, load_detections
 from models.tokenization import build_tokenizer
@@ -69,12 +69,12 @@ def main(args):
     model = engine.build_task_model(config, 'grounding', args, text_encoder=engine.text_weights(args),
                                     with_momentum=not args.evaluate).to(device)
     evaluate = make_evaluate(config, device, test_loader, refer, dets)
-    if args.evaluate:
-        write_metrics(args, config, engine.evaluate_only(args, model, evaluate), 0, chance)
-    else:
-        best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
-                                   config['batch_size']).reported
-        write_metrics(args, config, engine.eval_metrics(best), best['epoch'], chance, selected_by=SELECT_KEY)
+    train_or_evaluate(args, model, evaluate,
+                      lambda: fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
+                                                  config['batch_size']),
+                      lambda metrics, epoch, selected_by: write_metrics(args, config, metrics, epoch, chance,
+                                                                        selected_by),
+                      select_key=SELECT_KEY)
     engine.destroy()
 
 

@@ -10,11 +10,7 @@ The checkpoint with the best dev accuracy is output_dir/checkpoint_best.pth; its
 import torch
 
 import engine
-from engine.tasks import classification_loaders, classification_step, report_classification
-from evaluation.classification import make_evaluate
-from models.tokenization import build_tokenizer
-
-SELECT_KEY = 'val_acc'
+from engine.tasks import run_classification
 
 
 def pair_batch(batch):
@@ -23,30 +19,16 @@ def pair_batch(batch):
     return torch.cat([image0, image1], dim=0), text, label
 
 
+def keeps_initial_bert(config, args):
+    """The official momentum models start from the constructor's weights (bert-base-uncased + random layers) and,
+    with nlvr_momentum_init: before_load, keep them past the TA checkpoint, so BERT is read then."""
+    return (bool(args.checkpoint) and args.resume is None and not args.evaluate and config.get('distill', False)
+            and config['nlvr_momentum_init'] == 'before_load')
+
+
 def main(args):
-    config = engine.setup(args)
-    device = engine.device_of(args)
-    tokenizer = build_tokenizer(args.text_encoder)
-    loaders = classification_loaders('nlvr', config, tokenizer, args, with_train=not args.evaluate)
-    # the official momentum models start from the constructor's weights (bert-base-uncased + random layers), so
-    # BERT is read whenever that copy survives the checkpoint; otherwise every text weight comes from the checkpoint
-    keeps_initial = (bool(args.checkpoint) and args.resume is None and not args.evaluate
-                     and config.get('distill', False) and config['nlvr_momentum_init'] == 'before_load')
-    model = engine.build_task_model(config, 'nlvr', args, text_encoder=engine.text_weights(args, keeps_initial))
-    model = model.to(device)
-    evaluate = make_evaluate(pair_batch, {'val': loaders.val, 'test': loaders.test}, device,
-                             lambda: engine.autocast(device, config['precision']))
-    if args.evaluate:
-        metrics = engine.evaluate_only(args, model, evaluate)
-        engine.print_json(metrics)
-        report_classification(args, config, 'nlvr', metrics, 0, 'dev', 'test-P')
-    else:
-        result = engine.fit(args, config, model, loaders.train, classification_step(pair_batch), evaluate_fn=evaluate,
-                            select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', True),
-                            train_sampler=loaders.train_sampler)
-        best = result.reported
-        report_classification(args, config, 'nlvr', engine.eval_metrics(best), best['epoch'], 'dev', 'test-P',
-                              selected_by=SELECT_KEY)
+    run_classification(args, 'nlvr', pair_batch, ramp_default=True, names=('dev', 'test-P'),
+                       keeps_initial_bert=keeps_initial_bert)
     engine.destroy()
 
 

@@ -8,7 +8,7 @@ Several GPUs:  torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLV
                    --checkpoint ALBEF_4M.pth --output_dir output/NLVR_pretrain
 """
 import engine
-from dataset import build_collate_fn, create_dataset, static_shape_options
+from engine.tasks import pretrain_loader
 from models.tokenization import build_tokenizer
 
 
@@ -18,9 +18,7 @@ def main(args):
     tokenizer = build_tokenizer(args.text_encoder)
 
     # the pretraining data, transform and text settings (truncation at 25 tokens)
-    train_set = create_dataset('pretrain', config).train
-    collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))
-    loader, sampler = engine.train_loader(train_set, config, args, collate, config['batch_size'])
+    loader, sampler = pretrain_loader(config, args, tokenizer)
 
     # every text weight of the TA model comes from the pretraining checkpoint (layers >= 6 duplicated)
     model = engine.build_task_model(config, 'pretrain_nlvr', args, text_encoder=engine.text_weights(args),

@@ -8,7 +8,7 @@ Several GPUs: torchrun --nproc_per_node=8 Retrieval.py ...
 """
 import engine
 from dataset import build_collate_fn, create_dataset, create_loader, static_shape_options
-from engine.tasks import fit_retrieval_model
+from engine.tasks import fit_retrieval_model, train_or_evaluate
 from evaluation.rerank import evaluate_retrieval
 from evaluation.retrieval import itm_eval
 from models.tokenization import build_tokenizer
@@ -65,12 +65,11 @@ def main(args):
                                     with_momentum=not args.evaluate).to(device)
     evaluate = make_evaluate(config, tokenizer, device, {'val': val_loader, 'test': test_loader})
 
-    if args.evaluate:
-        write_metrics(args, config, engine.evaluate_only(args, model, evaluate), 0)
-    else:
-        best = fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
-                                   config['batch_size_train']).reported
-        write_metrics(args, config, engine.eval_metrics(best), best['epoch'], selected_by=SELECT_KEY)
+    train_or_evaluate(args, model, evaluate,
+                      lambda: fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
+                                                  config['batch_size_train']),
+                      lambda metrics, epoch, selected_by: write_metrics(args, config, metrics, epoch, selected_by),
+                      select_key=SELECT_KEY)
     engine.destroy()
 
 

@@ -7,11 +7,7 @@ Evaluate only: python VE.py --config configs/VE.yaml --checkpoint output/VE/chec
 The checkpoint with the best val accuracy is output_dir/checkpoint_best.pth; its test accuracy is the reported one.
 """
 import engine
-from engine.tasks import classification_loaders, classification_step, report_classification
-from evaluation.classification import make_evaluate
-from models.tokenization import build_tokenizer
-
-SELECT_KEY = 'val_acc'
+from engine.tasks import run_classification
 
 
 def ve_batch(batch):
@@ -20,25 +16,8 @@ def ve_batch(batch):
 
 
 def main(args):
-    config = engine.setup(args)
-    device = engine.device_of(args)
-    tokenizer = build_tokenizer(args.text_encoder)
-    loaders = classification_loaders('ve', config, tokenizer, args, with_train=not args.evaluate)
-    model = engine.build_task_model(config, 've', args, text_encoder=engine.text_weights(args)).to(device)
-    evaluate = make_evaluate(ve_batch, {'val': loaders.val, 'test': loaders.test}, device,
-                             lambda: engine.autocast(device, config['precision']))
-    if args.evaluate:
-        metrics = engine.evaluate_only(args, model, evaluate)
-        engine.print_json(metrics)
-        report_classification(args, config, 've', metrics, 0, 'val', 'test')
-    else:
-        # SNLI-VE's official config has warm_up: False, so alpha is 0.4 from the first step (docs/QUIRKS.md)
-        result = engine.fit(args, config, model, loaders.train, classification_step(ve_batch), evaluate_fn=evaluate,
-                            select_key=SELECT_KEY, ramp_alpha=config.get('warm_up', False),
-                            train_sampler=loaders.train_sampler)
-        best = result.reported
-        report_classification(args, config, 've', engine.eval_metrics(best), best['epoch'], 'val', 'test',
-                              selected_by=SELECT_KEY)
+    # SNLI-VE's official config has warm_up: False, so alpha is 0.4 from the first step (docs/QUIRKS.md)
+    run_classification(args, 've', ve_batch, ramp_default=False, names=('val', 'test'))
     engine.destroy()
 
 

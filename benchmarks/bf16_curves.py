@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.loss_equivalence import lockstep_batches  # noqa: E402
 from engine import autocast  # noqa: E402
-from models.model_pretrain import ALBEF, resolve_speed_mode  # noqa: E402
+from models.model_pretrain import ALBEF  # noqa: E402
+from models.speed import resolve_speed_mode  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
 from optim import create_optimizer  # noqa: E402
 from engine.config import load_config  # noqa: E402

@@ -1,13 +1,34 @@
-"""Training wiring two entry scripts share: image-text retrieval fine-tuning (Retrieval.py and Grounding.py train the
-same model with the same loss) and the classification tasks (NLVR.py and VE.py: loaders, step, best-epoch report)."""
+"""Task wiring that more than one entry script shares: the pretraining loader (Pretrain.py, Pretrain_nlvr.py), train
+or evaluate and report (every fine-tuning script), retrieval fine-tuning (Retrieval.py and Grounding.py train the same
+model with the same loss) and the classification tasks (NLVR.py and VE.py)."""
 from typing import NamedTuple, Optional
 
 import torch
 
 import utils
 from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
-from engine.loop import fit
-from engine.script import train_loader, write_metrics
+from engine.loop import autocast, evaluate_only, fit
+from engine.script import (build_task_model, device_of, eval_metrics, print_json, setup, text_weights, train_loader,
+                           write_metrics)
+from evaluation.classification import make_evaluate
+
+
+def pretrain_loader(config, args, tokenizer):
+    """(loader, sampler) over the pretraining pairs (also text-assignment pretraining's), seeded from --seed."""
+    train_set = create_dataset('pretrain', config).train
+    collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))
+    return train_loader(train_set, config, args, collate, config['batch_size'])
+
+
+def train_or_evaluate(args, model, evaluate_fn, train_fn, report, select_key=None):
+    """--evaluate: one evaluation pass; else `train_fn()` (returning a FitResult). Then `report(metrics, epoch,
+    selected_by)` with the evaluated metrics, or those of the reported epoch (the best by `select_key`)."""
+    if args.evaluate:
+        report(evaluate_only(args, model, evaluate_fn), 0, None)
+        return
+    result = train_fn()
+    best = result.reported
+    report(eval_metrics(best), best['epoch'], select_key if result.best is not None else None)
 
 
 # ---- retrieval (also the grounding training) ---------------------------------------------------------------------
@@ -70,9 +91,31 @@ def classification_step(unpack):
     return step
 
 
-def report_classification(args, config, task, metrics, epoch, val_name, test_name, selected_by=None):
-    """Print the val and test accuracy of the reported epoch and write metrics.json."""
-    write_metrics(args, config, task, metrics, epoch=epoch, selected_by=selected_by)
-    if utils.is_main_process() and 'val_acc' in metrics:
-        which = f'best {val_name} epoch {epoch}' if selected_by else f'epoch {epoch}'
-        print(f'{which}: {val_name} {100 * metrics["val_acc"]:.2f}%, {test_name} {100 * metrics["test_acc"]:.2f}%')
+def run_classification(args, task, unpack, *, ramp_default, names, keeps_initial_bert=None):
+    """The whole of NLVR.py and VE.py: fine-tune `task` ('nlvr' or 've') with val/test accuracy every epoch and the
+    best-val epoch reported, or evaluate only. `names`: how the paper calls (val, test), e.g. ('dev', 'test-P');
+    `keeps_initial_bert(config, args)`: whether the model keeps a copy of the constructor's BERT weights past the
+    checkpoint (so they must be read although the checkpoint has every text weight)."""
+    config = setup(args)
+    device = device_of(args)
+    from models.tokenization import build_tokenizer
+    tokenizer = build_tokenizer(args.text_encoder)
+    loaders = classification_loaders(task, config, tokenizer, args, with_train=not args.evaluate)
+    keeps = bool(keeps_initial_bert and keeps_initial_bert(config, args))
+    model = build_task_model(config, task, args, text_encoder=text_weights(args, keeps)).to(device)
+    evaluate = make_evaluate(unpack, {'val': loaders.val, 'test': loaders.test}, device,
+                             lambda: autocast(device, config['precision']))
+
+    def train():
+        return fit(args, config, model, loaders.train, classification_step(unpack), evaluate_fn=evaluate,
+                   select_key='val_acc', ramp_alpha=config.get('warm_up', ramp_default),
+                   train_sampler=loaders.train_sampler)
+
+    def report(metrics, epoch, selected_by):
+        write_metrics(args, config, task, metrics, epoch=epoch, selected_by=selected_by)
+        print_json(metrics)
+        if utils.is_main_process() and 'val_acc' in metrics:
+            which = f'best {names[0]} epoch {epoch}' if selected_by else f'epoch {epoch}'
+            print(f'{which}: {names[0]} {100 * metrics["val_acc"]:.2f}%, {names[1]} {100 * metrics["test_acc"]:.2f}%')
+
+    train_or_evaluate(args, model, evaluate, train, report, select_key='val_acc')
