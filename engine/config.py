@@ -109,8 +109,32 @@ QUIRK_FLAGS = {
 # Keys of the other model families (models/registry.py) and of the synthetic benchmark: each keeps its top-level keys
 # in its _*_KEYS and its nested blocks (a top-level Key(MAP) plus the block's keys) in its _*_BLOCKS, so families
 # never edit each other's lines.
-_SIMLA_KEYS: dict[str, Key] = {}
-_SIMLA_BLOCKS: dict[str, dict[str, Key]] = {}
+_SIMLA_KEYS: dict[str, Key] = {
+    # SIMLA (models/simla/, docs/README_simla.md; SIMLA.md section 10.2): the ViT mask token (pretraining only),
+    # the release's name of the MIM vocabulary, the fine-tuning temp clamp, whether retrieval enqueues idx (the
+    # release never does), the COCO split and the Flickr selection split of the release
+    "vit_mask_token": Key(BOOL), "mim_vocab_size": Key(INT), "temp_clamp_finetune": Key(BOOL),
+    "enqueue_idx": Key(BOOL), "coco_split": Key(STR, ("karpathy", "coco2017val")), "select_on": Key(STR, ("val", "test")),
+    # the SIMLA blocks below (their keys in _SIMLA_BLOCKS)
+    "bert": Key(MAP), "mim": Key(MAP), "psl": Key(MAP), "loss_weights": Key(MAP),
+}
+_SIMLA_BLOCKS: dict[str, dict[str, Key]] = {
+    # applied over bert_config: the shared stream (cross-attention in every layer) and the optional token types
+    "bert": {"num_hidden_layers": Key(INT), "fusion_layer": Key(INT), "shared_text_fusion": Key(BOOL),
+             "use_token_type_embeddings": Key(BOOL)},
+    # cross-modal masked image modelling: the visual tokenizer, its view, the block-wise patch masks, the caption
+    # context of the image-query pass
+    "mim": {"enabled": Key(BOOL), "tokenizer": Key(STR, ("dalle", "color_quant", "random_dvae")),
+            "tokenizer_path": Key(STR, nullable=True), "vocab_size": Key(INT), "tokenizer_res": Key(INT),
+            "color_levels": Key(INT), "view": Key(STR, ("shared", "independent")), "num_masking_patches": Key(INT),
+            "min_num_patches": Key(INT), "max_num_patches": Key(INT, nullable=True), "min_aspect": Key(NUM),
+            "text_context": Key(STR, ("embeddings", "text_mode"))},
+    # pseudo-keyword prediction: the attention layer, the selection rule and the ids never used as targets
+    "psl": {"enabled": Key(BOOL), "attn_layer": Key(INT), "selection": Key(STR, ("head_vote", "mean_row")),
+            "topk_per_head": Key(INT), "num_keywords": Key(INT), "drop_ids": Key(LIST)},
+    # weights of the summed pretraining loss (all 1.0 in the paper and the release)
+    "loss_weights": {"itc": Key(NUM), "itm": Key(NUM), "mlm": Key(NUM), "mim": Key(NUM), "psl": Key(NUM)},
+}
 _CODIS_KEYS: dict[str, Key] = {
     # CODIS (models/codis.py, docs/README_codis.md): every key of the block is a labelled default "CODIS D-n"
     "codis": Key(MAP),

@@ -57,6 +57,7 @@ KIND_OF_FILE = {
     'test_scheduler.py': 'unit',
     'test_shards.py': 'unit',
     'test_simla_checkpoint.py': 'parity',
+    'test_simla_configs.py': 'unit',
     'test_simla_losses.py': 'unit',
     'test_simla_parity.py': 'parity',
     'test_speed_paths.py': 'unit',
