@@ -59,6 +59,7 @@ KIND_OF_FILE = {
     'test_simla_checkpoint.py': 'parity',
     'test_simla_configs.py': 'unit',
     'test_simla_losses.py': 'unit',
+    'test_simla_model.py': 'unit',
     'test_simla_parity.py': 'parity',
     'test_speed_paths.py': 'unit',
     'test_synthetic.py': 'unit',
