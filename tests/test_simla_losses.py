@@ -104,7 +104,7 @@ def test_color_quant_codes_follow_the_cell_mean_colour():
 
 def test_dalle_without_a_local_encoder_names_the_config_key():
     cfg = {'image_res': 256, 'mim': {'tokenizer': 'dalle', 'tokenizer_path': None}}
-    with pytest.raises(FileNotFoundError, match='mim.tokenizer_path'):
+    with pytest.raises(FileNotFoundError, match="mim.tokenizer_path"):
         build_visual_tokenizer(cfg)
 
 
@@ -154,3 +154,76 @@ def test_shared_stream_modes_and_the_image_query_pass():
     att = bert(ids, attention_mask=mask, encoder_hidden_states=image, output_attentions=[-1]).attentions
     assert att[0] is None and att[2].shape == (2, 4, 5, 5)
     assert torch.allclose(att[2].sum(-1), torch.ones(2, 4, 5))
+
+
+# ---- the DALL-E encoder: our module reads the weights of a pickled foreign encoder without running its code --------
+FAKE_DALL_E = '''
+from collections import OrderedDict
+import torch, torch.nn as nn, torch.nn.functional as F
+
+class Conv2d(nn.Module):
+    def __init__(self, n_in, n_out, kw):
+        super().__init__()
+        self.kw = kw
+        self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / (n_in * kw * kw) ** 0.5)
+        self.b = nn.Parameter(torch.randn(n_out) * 0.1)
+    def forward(self, x):
+        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_in, n_out, n_layers):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / (n_layers ** 2)
+        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ('relu_1', nn.ReLU()), ('conv_1', Conv2d(n_in, n_hid, 3)), ('relu_2', nn.ReLU()),
+            ('conv_2', Conv2d(n_hid, n_hid, 3)), ('relu_3', nn.ReLU()), ('conv_3', Conv2d(n_hid, n_hid, 3)),
+            ('relu_4', nn.ReLU()), ('conv_4', Conv2d(n_hid, n_out, 1))]))
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+class Encoder(nn.Module):
+    def __init__(self, n_hid=8, vocab_size=16):
+        super().__init__()
+        n = 8
+        g = lambda a, b, pool: nn.Sequential(OrderedDict(
+            [('block_1', EncoderBlock(a, b, n)), ('block_2', EncoderBlock(b, b, n))] +
+            ([('pool', nn.MaxPool2d(kernel_size=2))] if pool else [])))
+        self.blocks = nn.Sequential(OrderedDict([
+            ('input', Conv2d(3, n_hid, 7)), ('group_1', g(n_hid, n_hid, True)),
+            ('group_2', g(n_hid, 2 * n_hid, True)), ('group_3', g(2 * n_hid, 4 * n_hid, True)),
+            ('group_4', g(4 * n_hid, 8 * n_hid, False)),
+            ('output', nn.Sequential(OrderedDict([('relu', nn.ReLU()), ('conv', Conv2d(8 * n_hid, vocab_size, 1))])))]))
+    def forward(self, x):
+        return self.blocks(x)
+'''
+
+
+def test_dalle_encoder_reads_a_pickled_foreign_encoder(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from models.simla import visual_tokenizer as vt
+    package = tmp_path / 'dall_e'
+    package.mkdir()
+    (package / '__init__.py').write_text('')
+    (package / 'encoder.py').write_text(FAKE_DALL_E)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    foreign = importlib.import_module('dall_e.encoder').Encoder()
+    torch.save(foreign, tmp_path / 'encoder.pkl')
+    view = map_pixels(torch.rand(2, 3, 32, 32))
+    with torch.no_grad():
+        expected = foreign(view)
+    for name in [m for m in sys.modules if m == 'dall_e' or m.startswith('dall_e.')]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, 'path', [p for p in sys.path if p != str(tmp_path)])
+    tokenizer = build_visual_tokenizer({'image_res': 32, 'mim': {'tokenizer': 'dalle', 'tokenizer_path': str(tmp_path)}})
+    assert 'dall_e' not in sys.modules  # the foreign package was never imported
+    with torch.no_grad():
+        assert torch.allclose(tokenizer.encoder(view), expected, atol=1e-5)
+    assert torch.equal(tokenizer.encode(view), expected.argmax(1)) and tokenizer.vocab_size == 16
+    assert vt.main([str(tmp_path / 'encoder.pkl'), str(tmp_path / 'encoder.pth')]) == 0
+    plain = vt.DalleTokenizer(str(tmp_path / 'encoder.pth'))  # the extracted file: weights_only loading
+    assert torch.equal(plain.encode(view), expected.argmax(1))
