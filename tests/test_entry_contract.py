@@ -79,16 +79,24 @@ def test_metrics_json_describes_the_run_that_wrote_it(world):
     assert len(logged) == 3
 
 
-def test_fine_tuning_keeps_the_best_and_the_last_checkpoint_unless_asked(world):
+def test_fine_tuning_keeps_the_best_and_the_last_checkpoint_unless_asked_and_tensorboard_on_request(world):
     root, config = world
     out = root / 'default'
     run_retrieval(root, config, '--output_dir', str(out))
     assert sorted(p.name for p in out.glob('checkpoint*')) == ['checkpoint_best.pth', 'checkpoint_last.pth']
-    every = root / 'every'
-    run_retrieval(root, config, '--output_dir', str(every), '--opt', 'keep_epoch_checkpoints=true')
+    assert engine.find_latest_checkpoint(str(out)) == str(out / 'checkpoint_last.pth')
+    every = root / 'every'  # also writes TensorBoard scalars of every step and epoch
+    run_retrieval(root, config, '--output_dir', str(every), '--opt', 'keep_epoch_checkpoints=true',
+                  '--opt', 'tensorboard=true', '--opt', 'log_every=1')
     assert sorted(p.name for p in every.glob('checkpoint*')) == ['checkpoint_00.pth', 'checkpoint_01.pth',
                                                                  'checkpoint_best.pth', 'checkpoint_last.pth']
-    assert engine.find_latest_checkpoint(str(out)) == str(out / 'checkpoint_last.pth')
+    from reproduce.events import read_scalars
+    scalars = read_scalars(str(every / 'tensorboard'))
+    steps = [json.loads(x) for x in (every / 'train_steps.jsonl').read_text().splitlines()]
+    assert len(scalars['train/loss_ita']) == len(steps) == 8  # 2 epochs x 4 steps, one point per logged step
+    assert [v for _, v in scalars['train/loss_ita']] == [pytest.approx(s['loss_ita'], abs=1e-5) for s in steps]
+    assert [step for step, _ in scalars['epoch/val_r_mean']] == [0, 1]
+    assert not (out / 'tensorboard').exists()  # off by default
 
 
 def test_training_loader_order_is_a_function_of_the_seed():
@@ -151,18 +159,6 @@ def test_synthetic_configs_need_no_text_encoder_flag(name, tmp_path):
         from models.tokenization import build_tokenizer
         build_tokenizer(args.text_encoder)
     assert args.text_encoder == 'none'
-
-
-def test_tensorboard_true_writes_scalar_events_of_steps_and_epochs(world):
-    from reproduce.events import read_scalars
-    root, config = world
-    out = root / 'tb'
-    run_retrieval(root, config, '--output_dir', str(out), '--opt', 'tensorboard=true', '--opt', 'log_every=1')
-    scalars = read_scalars(str(out / 'tensorboard'))
-    steps = [json.loads(x) for x in (out / 'train_steps.jsonl').read_text().splitlines()]
-    assert len(scalars['train/loss_ita']) == len(steps) == 8  # 2 epochs x 4 steps, one point per logged step
-    assert [round(v, 5) for _, v in scalars['train/loss_ita']] == [pytest.approx(s['loss_ita'], abs=1e-5) for s in steps]
-    assert [step for step, _ in scalars['epoch/val_r_mean']] == [0, 1]
 
 
 def test_deterministic_runs_are_bit_identical_with_two_threads_and_workers(world):
