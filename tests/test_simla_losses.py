@@ -4,6 +4,7 @@ patch mask generator (dataset/simla_masking.py), the color_quant visual tokenize
 import random
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,3 +228,32 @@ def test_dalle_encoder_reads_a_pickled_foreign_encoder(tmp_path, monkeypatch):
     assert vt.main([str(tmp_path / 'encoder.pkl'), str(tmp_path / 'encoder.pth')]) == 0
     plain = vt.DalleTokenizer(str(tmp_path / 'encoder.pth'))  # the extracted file: weights_only loading
     assert torch.equal(plain.encode(view), expected.argmax(1))
+
+
+# ---- the two views (SIMLA.md section 17 item 9) ------------------------------------------------------------------
+def _tiles(seed):
+    g = np.random.default_rng(seed)
+    colours = g.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(np.kron(colours, np.ones((32, 32, 1), dtype=np.uint8)))
+
+
+def _agreement(transform, seed):
+    from dataset.transforms import CLIP_MEAN, CLIP_STD
+    torch.manual_seed(seed)
+    random.seed(seed)
+    image, tok_view, mask = transform(_tiles(seed))
+    pixels = image * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None]
+    tok = ColorQuantTokenizer(grid=4, levels=4)
+    vit_codes = tok.encode(map_pixels(pixels.clamp(0, 1))[None])
+    return float((tok.encode(tok_view[None]) == vit_codes).float().mean()), mask
+
+
+def test_shared_view_lines_up_with_the_vit_patches_and_independent_does_not():
+    from dataset.simla_views import SimlaPretrainTransform
+    shared = SimlaPretrainTransform(64, 32, 'shared', num_masking_patches=5, min_num_patches=2)
+    independent = SimlaPretrainTransform(64, 32, 'independent', num_masking_patches=5, min_num_patches=2)
+    agreements = [_agreement(shared, s)[0] for s in range(20)]
+    assert min(agreements) >= 0.9, agreements
+    assert np.mean([_agreement(independent, s)[0] for s in range(50)]) < 0.5
+    _, mask = _agreement(shared, 0)
+    assert mask.dtype == torch.bool and mask.shape == (16,) and 0 < int(mask.sum()) <= 5
