@@ -108,3 +108,18 @@ def test_albef_encoder_ablation_and_fast_mode():
     assert torch.allclose(reference[3], fast[3], atol=1e-5)  # MIM
     assert torch.allclose(reference[4], fast[4], atol=1e-5)  # PSL
     assert all(torch.isfinite(loss) for loss in fast)
+
+
+def test_mim_targets_from_the_tokenizer_view():
+    from models.simla.visual_tokenizer import ColorQuantTokenizer
+    tokenizer = ColorQuantTokenizer(grid=2, levels=2)  # 8 codes = the tiny mim_head width
+    image, text, _, _ = batch()
+    view = torch.rand(4, 3, 8, 8)
+    patch_mask = torch.zeros(4, 2, 2, dtype=torch.bool)
+    patch_mask[:, 0, 1] = True
+    codes, mask, labels = SIMLA.mim_targets(tokenizer, view, patch_mask)
+    assert codes.shape == (4, 4) and mask.dtype == torch.bool and torch.equal(labels, codes[:, 1])
+    losses = make().train()(image, text, codes, mask, labels, alpha=0.4)
+    assert torch.isfinite(losses[3])
+    with pytest.raises(ValueError, match='tokenizer grid'):
+        SIMLA.mim_targets(tokenizer, view, torch.zeros(4, 9, dtype=torch.bool))

@@ -118,6 +118,19 @@ class SIMLA(SimlaMixin, AlbefPretrain):
                                                                    ('itm', loss_itm), ('mim', loss_mim),
                                                                    ('psl', loss_psl)))
 
+    @staticmethod
+    @torch.no_grad()
+    def mim_targets(visual_tokenizer, tok_view, patch_mask):
+        """The MIM inputs of `forward` from a batch's tokenizer views [B, 3, h, w] and patch masks [B, G, G] or
+        [B, G*G], as the release's training loop makes them: (visual_token_ids [B, P], masked_visual_token_pos
+        [B, P] bool, masked_visual_tok_labels [M]), row-major. The tokenizer runs frozen, under no-grad."""
+        codes = visual_tokenizer.encode(tok_view).flatten(1)
+        mask = patch_mask.flatten(1).bool().to(codes.device)
+        if mask.shape != codes.shape:
+            raise ValueError(f'patch masks {tuple(mask.shape)} and visual codes {tuple(codes.shape)} differ: the mask '
+                             f'grid must be the tokenizer grid (image_res / patch size)')
+        return codes, mask, codes[mask]
+
     def weighted(self, name, loss):
         """`loss` times its `loss_weights` entry (untouched at the default 1.0)."""
         weight = float(self.loss_weights[name])
