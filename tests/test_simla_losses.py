@@ -257,3 +257,14 @@ def test_shared_view_lines_up_with_the_vit_patches_and_independent_does_not():
     assert np.mean([_agreement(independent, s)[0] for s in range(50)]) < 0.5
     _, mask = _agreement(shared, 0)
     assert mask.dtype == torch.bool and mask.shape == (16,) and 0 < int(mask.sum()) <= 5
+
+
+def test_random_dvae_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = build_visual_tokenizer({'image_res': 32, 'mim': {'tokenizer': 'random_dvae', 'vocab_size': 32}})
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = build_visual_tokenizer({'image_res': 32, 'mim': {'tokenizer': 'random_dvae', 'vocab_size': 32}})
+    view = map_pixels(torch.rand(2, 3, 16, 16))
+    codes = a.encode(view)
+    assert codes.shape == (2, 2, 2) and codes.dtype == torch.long and int(codes.max()) < 32
+    assert torch.equal(codes, b.encode(view))

@@ -8,6 +8,7 @@ device.
 - `color_quant`: weight-free, deterministic, spatially meaningful (a masked patch's mean colour is predictable from its
   context): the mean colour of each grid cell, each channel quantised to `levels` steps, code = r * b^2 + g * b + b.
   For tests, CI and the synthetic world; numbers are not comparable with the paper's.
+- `random_dvae`: the dalle architecture at width 64 with seeded random weights (exercises that path, no meaning).
 - `dalle`: the DALL-E dVAE encoder of the paper (8192 codes), read from a local file named by `mim.tokenizer_path`;
   nothing is downloaded; `python -m models.simla.visual_tokenizer encoder.pkl encoder.pth` extracts its weights
   once into a plain state dict (docs/README_simla.md).
@@ -76,7 +77,9 @@ def build_visual_tokenizer(config):
         return tokenizer
     if name == 'dalle':
         return DalleTokenizer(dalle_weights_file(mim.get('tokenizer_path')))
-    raise ValueError(f"mim.tokenizer must be 'color_quant' or 'dalle', got {name!r}")
+    if name == 'random_dvae':
+        return DalleTokenizer.random(vocab_size=mim.get('vocab_size', 8192))
+    raise ValueError(f"mim.tokenizer must be 'color_quant', 'dalle' or 'random_dvae', got {name!r}")
 
 
 # ---- DALL-E dVAE encoder (SIMLA.md section 5.6), our own module ---------------------------------------------------
@@ -192,6 +195,21 @@ class DalleTokenizer:
         self.encoder = DalleEncoder(**encoder_args).eval().requires_grad_(False).to(device)
         self.encoder.load_state_dict(sd, strict=True)
         self.vocab_size = self.encoder.vocab_size
+
+    @classmethod
+    def random(cls, vocab_size=8192, n_hid=64, seed=0):
+        """`random_dvae` (SIMLA.md section 5.6): the dalle architecture at reduced width with seeded random weights;
+        it exercises the real tokenizer's path (shapes, dtypes, map_pixels, device) but its codes mean nothing."""
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            encoder = DalleEncoder(n_hid=n_hid, vocab_size=vocab_size)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        tokenizer = cls.__new__(cls)
+        tokenizer.encoder = encoder.eval().requires_grad_(False)
+        tokenizer.vocab_size = vocab_size
+        return tokenizer
 
     def to(self, device):
         self.encoder.to(device)
