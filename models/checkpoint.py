@@ -265,14 +265,15 @@ def check_queue_shapes(sd, model, path):
                                   f'reset_queues_on_finetune: true to start from fresh queues')
 
 
-def load_retrieval_checkpoint(model, path, reset_queues=False):
+def load_retrieval_checkpoint(model, path_or_sd, reset_queues=False):
     """Load a pretraining, fine-tuned (training checkpoint) or raw released file into a retrieval/grounding model.
 
     Returns (missing, unexpected, dropped) key lists; the official outcome for a pretraining file is
     missing = [idx_queue] and unexpected = the 14 `*.cls.predictions.*` keys. `reset_queues` (config key
     reset_queues_on_finetune, docs/QUIRKS.md) starts from fresh queues instead of the checkpoint's.
     """
-    sd, dropped = convert_to_retrieval(load_state_dict_file(path), model)
+    sd, path = _source(path_or_sd)
+    sd, dropped = convert_to_retrieval(sd, model)
     if reset_queues:
         dropped += [k for k in QUEUE_KEYS if sd.pop(k, None) is not None]
     check_queue_shapes(sd, model, path)
@@ -334,13 +335,14 @@ def convert_to_vqa(sd, model):
     return sd
 
 
-def load_vqa_checkpoint(model, path):
+def load_vqa_checkpoint(model, path_or_sd):
     """Load a pretraining checkpoint or a VQA file (wrapped or raw, with or without `_m` keys) into a VQA model.
 
     Returns (missing, unexpected) key lists; the official outcome for a pretraining file is no missing key and
     the 14 unexpected keys `temp`, the queues, the projections and `itm_head`.
     """
-    sd = convert_to_vqa(load_state_dict_file(path), model)
+    sd, path = _source(path_or_sd)
+    sd = convert_to_vqa(sd, model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     print(f'load checkpoint from {path}')
     print(f'missing keys: {len(missing)} {_abbrev(missing)}; unexpected keys: {len(unexpected)} {_abbrev(unexpected)}')
@@ -405,15 +407,32 @@ def _load_and_report(model, sd, path):
     return list(missing), list(unexpected)
 
 
+class LoadedCheckpoint(dict):
+    """A state dict read from `path` once, handed on to a start rule that would otherwise read the file again."""
+
+    def __init__(self, sd, path):
+        super().__init__(sd)
+        self.path = path
+
+
+def read_checkpoint(path):
+    """The model state dict of `path` as a LoadedCheckpoint (every start rule accepts it in place of the path)."""
+    return LoadedCheckpoint(load_state_dict_file(path), path)
+
+
 def _source(path_or_sd):
+    """(state dict, name for messages) of a path, a LoadedCheckpoint or a plain state dict."""
+    if isinstance(path_or_sd, LoadedCheckpoint):
+        return dict(path_or_sd), path_or_sd.path
     if isinstance(path_or_sd, dict):
         return dict(path_or_sd), '<state dict>'
     return dict(load_state_dict_file(path_or_sd)), path_or_sd
 
 
-def load_pretrain_checkpoint(model, path):
+def load_pretrain_checkpoint(model, path_or_sd):
     """Continue pretraining from a pretraining checkpoint's weights (strict; pos_embed resized to this resolution)."""
-    sd = interpolate_pos_embeds(dict(load_state_dict_file(path)), model)
+    sd, path = _source(path_or_sd)
+    sd = interpolate_pos_embeds(sd, model)
     model.load_state_dict(sd, strict=True)
     print(f'load checkpoint from {path}')
     return [], []
