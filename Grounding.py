@@ -53,6 +53,7 @@ def write_metrics(args, config, metrics, epoch, chance, selected_by=None):
 
 
 def main(args):
+    engine.require_task(args, 'grounding')
     # the command-line Grad-CAM settings become config keys, so the saved config records them
     args.opt += [f'gradcam_mode={args.gradcam_mode}'] if args.gradcam_mode else []
     args.opt += [f'gradcam_block={args.block_num}'] if args.block_num is not None else []

@@ -13,6 +13,7 @@ from models.tokenization import build_tokenizer
 
 
 def main(args):
+    engine.require_task(args, 'pretrain_nlvr')
     config = engine.setup(args)
     device = engine.device_of(args)
     tokenizer = build_tokenizer(args.text_encoder)

@@ -16,6 +16,7 @@ def ve_batch(batch):
 
 
 def main(args):
+    engine.require_task(args, 've')
     # SNLI-VE's official config has warm_up: False, so alpha is 0.4 from the first step (docs/QUIRKS.md)
     run_classification(args, 've', ve_batch, ramp_default=False, names=('val', 'test'))
     engine.destroy()

@@ -12,4 +12,4 @@ from engine.checkpoints import find_latest_checkpoint, resolve_resume  # noqa: F
 from engine.data_position import EpochData  # noqa: F401
 from engine.loop import FitResult, alpha_at, autocast, evaluate_only, fit, to_device, train_one_epoch  # noqa: F401
 from engine.script import (base_parser, build_task_model, destroy, device_of, eval_metrics, print_json,  # noqa: F401
-                           save_result, setup, text_weights, train_loader, wrap_ddp, write_metrics)
+                           require_task, save_result, setup, text_weights, train_loader, wrap_ddp, write_metrics)

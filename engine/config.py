@@ -161,8 +161,39 @@ _CODIS_BLOCKS: dict[str, dict[str, Key]] = {
         "weight_mlm": Key(NUM),
     },
 }
-_VLMO_KEYS: dict[str, Key] = {}
-_VLMO_BLOCKS: dict[str, dict[str, Key]] = {}
+_VLMO_KEYS: dict[str, Key] = {
+    # VLMo (models/vlmo.py, docs/README_vlmo.md): the stage (Pretrain.py: textmlm = stage 2, pretrain = stage 3) or
+    # the fine-tuning task, fixed text length (stage 3 and fine-tuning 40, stage 2 196), the stage-2 text length the
+    # relative position table is anchored at, the vocabulary and the VQA answer count
+    "task": Key(STR, ("textmlm", "pretrain", "retrieval", "vqa", "nlvr")), "max_text_len": Key(INT),
+    "max_text_len_of_initckpt": Key(INT), "vocab_size": Key(INT), "vqa_num_labels": Key(INT),
+    # the official global batch (reached by accumulation) and the precision of retrieval encoding
+    "batch_size_global": Key(INT, nullable=True), "eval_precision": Key(STR, ("run", "fp16")),
+    # learning-rate multiplier of the VQA / NLVR2 classifier heads (official lr_mult)
+    "lr_mult_heads": Key(NUM),
+    # the VLMo blocks below (their keys in _VLMO_BLOCKS)
+    "vlmo": Key(MAP), "loss_weights": Key(MAP), "itc": Key(MAP), "mlm": Key(MAP), "retrieval": Key(MAP),
+    "schedule": Key(MAP), "data": Key(MAP),
+}
+_VLMO_BLOCKS: dict[str, dict[str, Key]] = {
+    # the Multiway Transformer (vlmo_base_patch16 defaults in models/vlmo.py) and the local input checkpoints
+    "vlmo": {"patch_size": Key(INT), "embed_dim": Key(INT), "depth": Key(INT), "num_heads": Key(INT),
+             "mlp_ratio": Key(NUM), "vlffn_start_layer_index": Key(INT),
+             "layer_scale_init_values": Key(NUM, nullable=True), "use_abs_pos_emb": Key(BOOL),
+             "use_rel_pos_bias": Key(BOOL), "drop_path_rate": Key(NUM), "layer_norm_eps": Key(NUM),
+             "qkv_bias": Key(BOOL), "init": Key(MAP)},
+    # the loss_weights block is shared with SIMLA: VLMo adds its keys to SIMLA's (never removes any)
+    "loss_weights": {**_SIMLA_BLOCKS.get("loss_weights", {}), "itc": Key(NUM), "itm": Key(NUM), "mlm": Key(NUM)},
+    # itc.vl_branch: the second contrastive term through the VL experts (official); gather_with_grad: not official
+    "itc": {"vl_branch": Key(BOOL), "gather_with_grad": Key(BOOL)},
+    "mlm": {"masking": Key(STR, ("wwm", "token")), "probability": Key(NUM)},
+    "retrieval": {"mode": Key(STR, ("dual", "dual_rerank"))},
+    # per-step linear warm-up then polynomial decay (warmup_steps: a float is a fraction of max_steps)
+    "schedule": {"sched": Key(STR, ("linear",)), "max_steps": Key(INT, nullable=True), "warmup_steps": Key(NUM),
+                 "end_lr": Key(NUM), "power": Key(NUM), "epochs": Key(INT)},
+    "data": {"caption_sampling": Key(STR, ("per_caption", "random")), "drop_last": Key(BOOL), "hflip": Key(BOOL),
+             "crop_scale": Key(LIST)},
+}
 _SYNTHETIC_KEYS: dict[str, Key] = {
     # the image-blind control of any run (dataset.create_dataset, docs/README_synthetic.md): every picture replaced by
     # one fixed picture of its split, or shuffled against the texts (seeded by image_blind_seed); null = the pictures

@@ -145,6 +145,16 @@ def text_weights(args, keeps_initial_copy=False):
     return args.text_encoder
 
 
+def require_task(args, task):
+    """Stop before any data is read when the config's model family has no `task` model (VLMo, for example, defines
+    no SNLI-VE, grounding or NLVR2 TA-pretraining recipe: docs/README_vlmo.md)."""
+    config = load_config(args.config, args.opt)
+    try:
+        registry.task_spec(config, task)
+    except ValueError as err:
+        raise SystemExit(f'{args.config}: {err}') from None
+
+
 def build_task_model(config, task, args, **kwargs):
     """The config's model family's `task` model (models/registry.py), started from --checkpoint unless resuming."""
     spec = registry.task_spec(config, task)

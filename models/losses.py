@@ -229,6 +229,68 @@ def vlmo_lr_factor(step, max_steps, warmup_steps, power=1.0, end_factor=0.0):
     return (1.0 - end_factor) * remaining ** power + end_factor
 
 
+def vlmo_whole_word_mask(input_ids, subword, special_ids, mask_token_id, vocab_size, probability=0.15,
+                         max_predictions=512, rng=None):
+    """Whole-word masking of fixed-length texts as transformers 4.8.1's DataCollatorForWholeWordMask does it
+    (paper: 15 % of tokens; docs/README_vlmo.md "Whole-word masking"). Per row: candidate groups are all positions
+    except [CLS]/[SEP] (padding included), a word-piece (`subword[id]`) joining the previous group; the groups are
+    shuffled with Python's `rng`; k = min(max_predictions, max(1, round(probability * L))) positions are taken group
+    by group (a group that would exceed k is skipped); special ids are then unselected. Selected positions become
+    [MASK] with probability 0.8, else a random id with probability 0.5, else stay (torch RNG). `special_ids` is
+    ([CLS], [SEP], other special ids such as [PAD], [UNK], [MASK]). Returns (masked ids, labels with -100 at unselected positions)."""
+    import random as _random
+    rng = rng or _random
+    ids = input_ids.clone()
+    B, L = ids.shape
+    selected = torch.zeros(B, L, dtype=torch.bool)
+    cls_sep = {int(s) for s in special_ids[:2]}
+    special = torch.zeros(max(vocab_size, int(ids.max()) + 1, max(special_ids) + 1), dtype=torch.bool)
+    special[list(special_ids)] = True
+    k = min(max_predictions, max(1, int(round(L * probability))))
+    rows = ids.tolist()
+    for b in range(B):
+        groups = []
+        for i, tok in enumerate(rows[b]):
+            if tok in cls_sep:
+                continue
+            if groups and bool(subword[tok]):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        rng.shuffle(groups)
+        taken = []
+        for g in groups:
+            if len(taken) >= k:
+                break
+            if len(taken) + len(g) > k:
+                continue
+            taken.extend(g)
+        selected[b, taken] = True
+    selected &= ~special[ids.cpu()]
+    selected = selected.to(ids.device)
+    labels = torch.where(selected, ids, torch.full_like(ids, -100))
+    replaced = torch.bernoulli(torch.full((B, L), 0.8)).bool().to(ids.device) & selected
+    ids[replaced] = mask_token_id
+    randomised = torch.bernoulli(torch.full((B, L), 0.5)).bool().to(ids.device) & selected & ~replaced
+    words = torch.randint(vocab_size, (B, L), dtype=torch.long).to(ids.device)
+    ids[randomised] = words[randomised]
+    return ids, labels
+
+
+def vlmo_fixed_length_text(input_ids, attention_mask, length, sep_token_id, pad_token_id=0):
+    """`[CLS] pieces` texts (any padding, no [SEP]) as VLMo's `[CLS] pieces [SEP]` padded to exactly `length`;
+    truncation keeps the [SEP]. Returns (ids, mask) [B, length]."""
+    B = input_ids.shape[0]
+    n = attention_mask.long().sum(1).clamp(max=length - 1)
+    pos = torch.arange(length, device=input_ids.device).expand(B, -1)
+    src = input_ids[:, :length]
+    if src.shape[1] < length:
+        src = F.pad(src, (0, length - src.shape[1]), value=pad_token_id)
+    ids = torch.where(pos < n[:, None], src, torch.full_like(src, pad_token_id))
+    ids = torch.where(pos == n[:, None], torch.full_like(src, sep_token_id), ids)
+    return ids, (pos <= n[:, None]).long()
+
+
 # ---- CODIS (docs/README_codis.md) ------------------------------------------------------------------------------
 # CODIS (Duan et al., CVPR 2022) aligns image and text through their assignments to a shared codebook. No code or
 # equation of the paper is public: every formula below is a labelled default of the reconstruction ("CODIS D-n",

@@ -176,3 +176,17 @@ def _albef_refusing_simla():
 
 register_family('simla', _simla_tasks())
 register_family('albef', _albef_refusing_simla())
+
+
+# ---- the VLMo family (models/vlmo.py, docs/README_vlmo.md) ---------------------------------------------------------
+def _vlmo_tasks():
+    """VLMo's task models; Pretrain.py runs stage 2 (`task: textmlm`) and stage 3. VLMo defines no SNLI-VE, grounding
+    or NLVR2 TA-pretraining recipe, so those tasks are not registered and their scripts refuse `model: vlmo`."""
+    from . import vlmo
+    return {'pretrain': TaskSpec(vlmo.VLMoPretrain, vlmo.load_checkpoint),
+            'retrieval': TaskSpec(vlmo.VLMoRetrieval, vlmo.load_checkpoint),
+            'vqa': TaskSpec(vlmo.VLMoVQA, vlmo.load_checkpoint),
+            'nlvr': TaskSpec(vlmo.VLMoNLVR, vlmo.load_checkpoint)}
+
+
+register_family('vlmo', _vlmo_tasks())

@@ -346,6 +346,7 @@ class VLMo(nn.Module):
         if task == 'nlvr':
             self.nlvr2_classifier = classifier(2 * D, 2 * D, 2)
         self._init_weights()
+        self._text_setup(kwargs.get('tokenizer'), config)
         if task == 'textmlm':
             vlmo_checkpoint.freeze_for_text_pretraining(self)
 
@@ -531,11 +532,98 @@ class VLMo(nn.Module):
         logits = self.nlvr2_classifier(torch.cat([c1, c2], dim=-1))
         return {'nlvr2_loss': F.cross_entropy(logits.float(), labels.long().view(-1)), 'nlvr2_logits': logits}
 
+    # -- the engine's training step (entry scripts; batches of the shared data pipeline) --
+    def _text_setup(self, tokenizer, config):
+        """Special ids and the word-piece table the whole-word masking of the training forward needs."""
+        get = lambda name, default: int(getattr(tokenizer, name, default))  # noqa: E731
+        self.cls_id, self.sep_id, self.pad_id = get('cls_token_id', 101), get('sep_token_id', 102), get('pad_token_id', 0)
+        self.mask_id, self.unk_id = get('mask_token_id', 103), get('unk_token_id', 100)
+        mlm = config.get('mlm') or {}
+        self.mlm_masking, self.mlm_probability = mlm.get('masking', 'wwm'), float(mlm.get('probability', 0.15))
+        subword = torch.zeros(self.vocab_size, dtype=torch.bool, device='cpu')
+        if tokenizer is not None and hasattr(tokenizer, 'convert_ids_to_tokens'):
+            tokens = tokenizer.convert_ids_to_tokens(list(range(min(self.vocab_size, len(tokenizer)))))
+            subword[:len(tokens)] = torch.tensor([str(t).startswith('##') for t in tokens])
+        self.subword = subword
+
+    def fixed_length(self, text):
+        """The shared pipeline's `[CLS] pieces` texts as VLMo's `[CLS] pieces [SEP]` padded to max_text_len."""
+        return losses.vlmo_fixed_length_text(text.input_ids, text.attention_mask, self.max_text_len, self.sep_id,
+                                             self.pad_id)
+
+    def mask_text(self, ids):
+        """MLM corruption of fixed-length texts: whole-word masking (official) or per-token (`mlm.masking: token`)."""
+        if self.mlm_masking == 'token':
+            labels = ids.clone()
+            out, labels = losses.mask_tokens(ids.clone(), self.vocab_size, self.mlm_probability, self.pad_id,
+                                             self.cls_id, self.mask_id, targets=labels)
+            labels[ids == self.sep_id] = -100
+            out[(ids == self.sep_id)] = self.sep_id
+            return out, labels
+        return losses.vlmo_whole_word_mask(ids, self.subword, (self.cls_id, self.sep_id, self.pad_id, self.unk_id,
+                                                               self.mask_id), self.mask_id, self.vocab_size,
+                                           self.mlm_probability)
+
+    def check_queue_divisible(self, global_batch):
+        """VLMo has no queue (the entry script asks every pretraining model)."""
+        if global_batch < 2 and self.task == 'pretrain':
+            raise ValueError('VLMo ITM hard negatives need a global batch of at least 2 pairs')
+
+    def forward(self, image, text, alpha=0.0, **unused):
+        """Pretraining step of Pretrain.py: (loss_mlm, loss_ita, loss_itm) with loss_ita = ITC (the VLMo objectives;
+        stage 2 trains MLM only and reports zero ITC/ITM)."""
+        ids, mask = self.fixed_length(text)
+        ids_mlm, labels = self.mask_text(ids)
+        if self.task == 'textmlm':
+            loss = self.compute_textmlm(ids_mlm, mask, labels)['mlm_loss']
+            zero = loss.detach() * 0
+            return loss, zero, zero
+        if self.task != 'pretrain':
+            raise NotImplementedError(f'the {self.task} VLMo model trains through compute_* (docs/README_vlmo.md)')
+        out = self.pretrain_losses(image, ids, mask, ids_mlm, labels)
+        return out['mlm_loss'], out['itc_loss'], out['itm_loss']
+
     # -- checkpoints --
     def load_pretrained(self, ckpt):
         """Apply the conversion rules (models/vlmo_checkpoint.py) to `ckpt` and load non-strictly;
         returns (missing_keys, unexpected_keys)."""
         return vlmo_checkpoint.load_pretrained(self, ckpt)
+
+
+class _EngineTask(VLMo):
+    """Registry entry (models/registry.py): the task comes from the entry script, not from the config."""
+    engine_task = 'pretrain'
+
+    def __init__(self, config=None, **kwargs):
+        task = self.engine_task
+        if task == 'pretrain' and (config or {}).get('task') == 'textmlm':
+            task = 'textmlm'  # stage 2 runs through Pretrain.py with `task: textmlm`
+        super().__init__(config=config, task=task, **kwargs)
+
+
+class VLMoPretrain(_EngineTask):
+    engine_task = 'pretrain'
+
+
+class VLMoRetrieval(_EngineTask):
+    engine_task = 'retrieval'
+
+
+class VLMoVQA(_EngineTask):
+    engine_task = 'vqa'
+
+
+class VLMoNLVR(_EngineTask):
+    engine_task = 'nlvr'
+
+
+def load_checkpoint(model, path, config):
+    """The registry's start-from-a-file rule: read `path` weights-only and apply the conversion rules."""
+    from .checkpoint import load_checkpoint_file
+    missing, unexpected = model.load_pretrained(load_checkpoint_file(path))
+    print(f'VLMo {model.task} from {path}: {len(missing)} missing keys {missing[:8]}, '
+          f'{len(unexpected)} unexpected keys {unexpected[:8]}')
+    return missing, unexpected
 
 
 # the class name shared/tools/keys_check.py builds (the task comes from the config key `task`)

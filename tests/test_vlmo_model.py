@@ -85,7 +85,7 @@ def test_index_maps(G, L, L0):
 
 def tiny(task='pretrain', **over):
     cfg = {'model': 'vlmo', 'task': task, 'image_res': 16, 'max_text_len': 6, 'max_text_len_of_initckpt': 8,
-           'vocab_size': 50, 'vqa_num_labels': 5,
+           'vocab_size': 120, 'vqa_num_labels': 5,
            'vlmo': {'patch_size': 8, 'embed_dim': 16, 'depth': 3, 'num_heads': 2, 'vlffn_start_layer_index': 2,
                     'drop_path_rate': 0.0, **over}}
     torch.manual_seed(0)
@@ -216,3 +216,78 @@ def test_stage2_freezing_one_step():
     for n, p in m.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+# ---- text pipeline of the training forward ------------------------------------------------------------------------
+def test_fixed_length_text_keeps_sep_when_truncating():
+    ids = torch.tensor([[101, 7, 8, 0, 0], [101, 5, 6, 7, 9]])
+    mask = (ids != 0).long()
+    out, m = losses.vlmo_fixed_length_text(ids, mask, 4, 102)
+    assert out.tolist() == [[101, 7, 8, 102], [101, 5, 6, 102]] and m.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    out, m = losses.vlmo_fixed_length_text(ids[:, :3], mask[:, :3], 6, 102)
+    assert out.tolist() == [[101, 7, 8, 102, 0, 0], [101, 5, 6, 102, 0, 0]] and m.sum(1).tolist() == [4, 4]
+
+
+def test_whole_word_masking():
+    import random
+    subword = torch.zeros(50, dtype=torch.bool)
+    subword[[20, 21]] = True                      # ids 20, 21 are '##' pieces
+    ids = torch.tensor([[101, 10, 20, 21, 11, 12, 102, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    for seed in range(20):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        masked, labels = losses.vlmo_whole_word_mask(ids, subword, (101, 102, 0, 100, 103), 103, 50)
+        sel = (labels != -100)[0]
+        assert int(sel.sum()) <= 3                 # k = round(0.15 * 20) = 3, padding positions count as candidates
+        assert not sel[[0, 6]].any() and not sel[7:].any()
+        assert bool(sel[1]) == bool(sel[1]) and (bool(sel[2]) == bool(sel[3]))  # a word's pieces go together
+        if sel[2]:
+            assert sel[1]
+        assert torch.equal(labels[0][sel], ids[0][sel])
+
+
+def test_training_forward_from_shared_batches():
+    import types
+    for task in ('pretrain', 'textmlm'):
+        m = tiny(task).train()
+        image, ids, mask = batch(L=4)
+        text = types.SimpleNamespace(input_ids=ids, attention_mask=mask)
+        loss_mlm, loss_ita, loss_itm = m(image, text, alpha=0.4)
+        assert torch.isfinite(loss_mlm + loss_ita + loss_itm)
+        (loss_mlm + loss_ita + loss_itm).backward()
+
+
+# ---- registration, configs, refusals ------------------------------------------------------------------------------
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'vlmo')
+
+
+@pytest.mark.parametrize('name,task,res,lr,drop', [('Pretrain_stage2', 'pretrain', 224, 2e-4, 0.1),
+                                                   ('Pretrain', 'pretrain', 224, 2e-4, 0.1),
+                                                   ('Retrieval_coco', 'retrieval', 384, 3e-5, 0.2),
+                                                   ('Retrieval_flickr', 'retrieval', 384, 3e-5, 0.15),
+                                                   ('VQA', 'vqa', 480, 3e-5, 0.15), ('NLVR', 'nlvr', 384, 5e-5, 0.1)])
+def test_official_configs_build_through_the_registry(name, task, res, lr, drop):
+    from engine.config import load_config
+    from models import registry
+    config = load_config(os.path.join(CONFIGS, f'{name}.yaml'))
+    assert (config['image_res'], config['optimizer']['lr'], config['vlmo']['drop_path_rate']) == (res, lr, drop)
+    assert config['optimizer']['weight_decay'] == 0.01
+    with torch.device('meta'):
+        model = registry.task_spec(config, task).build(config, text_encoder=None, tokenizer=None, init_deit=False)
+    assert model.task == config['task'] and model.max_text_len == (196 if config['task'] == 'textmlm' else 40)
+    if name == 'VQA':
+        assert config['lr_mult_heads'] == 20 and config['schedule']['epochs'] == 10
+    if name.startswith('Pretrain'):
+        assert config['schedule'] == {'sched': 'linear', 'max_steps': 200000, 'warmup_steps': 2500, 'end_lr': 0,
+                                      'power': 1}
+        assert config['batch_size_global'] == 1024
+
+
+@pytest.mark.parametrize('task', ['ve', 'grounding', 'pretrain_nlvr'])
+def test_scripts_without_a_vlmo_recipe_refuse_it(task):
+    import types
+    import engine
+    args = types.SimpleNamespace(config=os.path.join(CONFIGS, 'NLVR.yaml'), opt=[])
+    with pytest.raises(SystemExit, match=f"model: vlmo has no '{task}' task"):
+        engine.require_task(args, task)
+    engine.require_task(types.SimpleNamespace(config=os.path.join(CONFIGS, 'NLVR.yaml'), opt=[]), 'nlvr')
