@@ -1,4 +1,5 @@
-"""ALBEF pretraining (ITC + ITM + MLM with momentum distillation).
+"""ALBEF pretraining (ITC + ITM + MLM with momentum distillation); the config key `model` picks the family
+(`model: codis`, configs/codis/: the CODIS reconstruction, docs/README_codis.md).
 
 One process:   python Pretrain.py --config configs/Pretrain_synthetic.yaml --output_dir output/pretrain
 Several GPUs:  torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/pretrain

@@ -298,7 +298,8 @@ def vlmo_fixed_length_text(input_ids, attention_mask, length, sep_token_id, pad_
 def codebook_scores(features, codebook, temp=1.0):
     """Cosine scores of unit `features` [N, d] against the row-normalised `codebook` [K, d], divided by `temp`, in
     fp32 (CODIS D-1: the codes live in the ITC embedding space)."""
-    return features.float() @ F.normalize(codebook.float(), dim=-1).t() / temp
+    with torch.autocast(device_type=features.device.type, enabled=False):  # fp32 also under bf16 autocast
+        return features.float() @ F.normalize(codebook.float(), dim=-1).t() / temp
 
 
 def sinkhorn(scores, eps=0.05, iters=3):
@@ -356,13 +357,14 @@ def intra_contrast(feat, feat_m, queue, temp, alpha=0.0, distill=False):
     """CODIS D-3 in-modal contrast of one modality: S = f . [f_m ; queue] / temp [B, B + Q], target the in-batch
     diagonal (the teacher's feature of the same input); with `distill`, ALBEF's momentum-distillation targets
     alpha * softmax(f_m . [f_m ; queue] / temp) + (1 - alpha) * one-hot. `queue` is [d, Q] as stored."""
-    keys = torch.cat([feat_m.t(), queue.detach()], dim=1)
-    sim = feat @ keys / temp
-    with torch.no_grad():
-        targets = identity_targets(sim)
-        if distill:
-            targets = distill_targets(feat_m @ keys / temp, targets, alpha)
-    return soft_cross_entropy(sim, targets)
+    with torch.autocast(device_type=feat.device.type, enabled=False):  # fp32 also under bf16 autocast
+        keys = torch.cat([feat_m.t(), queue.detach()], dim=1).float()
+        sim = feat.float() @ keys / temp
+        with torch.no_grad():
+            targets = identity_targets(sim)
+            if distill:
+                targets = distill_targets(feat_m.float() @ keys / temp, targets, alpha)
+        return soft_cross_entropy(sim, targets)
 
 
 def recent_queue_columns(queue, ptr, n):

@@ -302,3 +302,12 @@ def test_pretrain_step_accepts_albef_tuples_and_codis_dicts():
     one = torch.tensor(1.0)
     assert list(step_outputs((one, one * 2, one * 3))) == ['loss_mlm', 'loss_ita', 'loss_itm']
     assert step_outputs({'loss_code': one, 'code_agreement': one}) == {'loss_code': one, 'code_agreement': one}
+
+
+def test_codebook_scores_and_in_modal_similarities_stay_fp32_under_bf16_autocast():
+    f, c = unit(4, 8, 14), unit(6, 8, 15)
+    with torch.autocast(device_type='cpu', dtype=torch.bfloat16):
+        scores = losses.codebook_scores(f, c, 0.1)
+        intra = losses.intra_contrast(f, f, c.t(), 0.07)
+    assert scores.dtype == torch.float32 and torch.equal(scores, losses.codebook_scores(f, c, 0.1))
+    assert intra.item() == losses.intra_contrast(f, f, c.t(), 0.07).item()
