@@ -543,7 +543,7 @@ class VLMo(nn.Module):
         subword = torch.zeros(self.vocab_size, dtype=torch.bool, device='cpu')
         if tokenizer is not None and hasattr(tokenizer, 'convert_ids_to_tokens'):
             tokens = tokenizer.convert_ids_to_tokens(list(range(min(self.vocab_size, len(tokenizer)))))
-            subword[:len(tokens)] = torch.tensor([str(t).startswith('##') for t in tokens])
+            subword[:len(tokens)] = torch.tensor([str(t).startswith('##') for t in tokens], device='cpu')
         self.subword = subword
 
     def fixed_length(self, text):

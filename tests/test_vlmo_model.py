@@ -291,3 +291,12 @@ def test_scripts_without_a_vlmo_recipe_refuse_it(task):
     with pytest.raises(SystemExit, match=f"model: vlmo has no '{task}' task"):
         engine.require_task(args, task)
     engine.require_task(types.SimpleNamespace(config=os.path.join(CONFIGS, 'NLVR.yaml'), opt=[]), 'nlvr')
+
+
+def test_meta_build_with_the_project_tokenizer_marks_word_pieces():
+    from models.tokenization import build_tokenizer
+    tok = build_tokenizer('none')
+    with torch.device('meta'):
+        m = VLMo(config=full_config('pretrain', 224), task='pretrain', tokenizer=tok)
+    assert m.subword.device.type == 'cpu' and int(m.subword.sum()) > 1000
+    assert not bool(m.subword[tok.convert_tokens_to_ids('the')]) and bool(m.subword[tok.convert_tokens_to_ids('##s')])
