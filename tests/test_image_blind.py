@@ -121,3 +121,22 @@ def test_unknown_mode_and_datasets_without_annotations_are_refused():
     with pytest.raises(ValueError, match='image_blind'):
         make_image_blind(NoAnn(), 'upside_down')
     assert make_image_blind(NoAnn(), None).__class__ is NoAnn
+
+
+def test_question_kind_prior_of_scripts_vqa_prior():
+    """scripts/vqa_prior.py, the image-blind VQA reference the demo prints: per question kind (first three words) the
+    most frequent training answer, scored with the VQA accuracy."""
+    from scripts.vqa_prior import prior_accuracy
+
+    def item(qid, question, answer):
+        return {'question_id': qid, 'question': question, 'answer': [answer] * 10}
+
+    train = [item(0, 'how many shapes are there?', '2'), item(1, 'how many shapes are in it?', '2'),
+             item(2, 'is there a red circle?', 'no'), item(3, 'is there a blue star?', 'no'),
+             item(4, 'is there a red star?', 'no'), item(5, 'what color is the star?', 'red')]
+    test = [item(6, 'how many shapes are there?', '2'), item(7, 'is there a green cross?', 'yes'),
+            item(8, 'what color is the circle?', 'blue'), item(9, 'what shape is the red one?', 'star')]
+    result = prior_accuracy(train, test)
+    # '2' right, 'no' wrong, 'red' wrong, an unseen kind gets the overall 'no': wrong
+    assert result['kind_prior'] == pytest.approx(25.0) and result['questions'] == 4
+    assert result['most_common_answer'] == 'no' and result['most_common'] == pytest.approx(0.0)
