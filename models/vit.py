@@ -20,10 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import init_weights_vit_timm
 
+from .attention_capture import AttentionCapture
+
 VIT_DEFAULTS = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True)
 
 
-class Attention(nn.Module):
+class Attention(AttentionCapture, nn.Module):
     """Multi-head self-attention with a fused qkv projection ([q | k | v] rows, heads as consecutive slices).
 
     `use_sdpa` (set per module, e.g. by `models.xbert.set_attention_impl`) picks the fused kernel; a call with
@@ -37,19 +39,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_sdpa = True
-        self.attention_map = None
-        self.attn_gradients = None
-
-    def save_attn_gradients(self, grad):
-        self.attn_gradients = grad
-
-    def get_attn_gradients(self):
-        """Gradient of the saved attention probabilities (set on backward)."""
-        return self.attn_gradients
-
-    def get_attention_map(self):
-        """Attention probabilities saved by the last forward with capture on, [B, heads, N, N]."""
-        return self.attention_map
+        self.init_capture()
 
     def forward(self, x, register_hook=False):
         B, N, C = x.shape

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
+from .attention_capture import AttentionCapture
 from .losses import lm_loss, lm_loss_seq_distill, mlm_loss
 
 SELF_MASK_VALUE = -10000.0   # xbert get_extended_attention_mask
@@ -104,7 +105,7 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(emb))
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(AttentionCapture, nn.Module):
     """Scaled dot-product attention; K/V from the encoder states for cross-attention."""
 
     def __init__(self, config, is_cross_attention):
@@ -122,19 +123,7 @@ class BertSelfAttention(nn.Module):
         self.is_cross_attention = is_cross_attention
         self.use_sdpa = True
         self.save_attention = False
-        self.attention_map = None
-        self.attn_gradients = None
-
-    def save_attn_gradients(self, grad):
-        self.attn_gradients = grad
-
-    def get_attn_gradients(self):
-        """Gradient of the saved attention probabilities (set on backward)."""
-        return self.attn_gradients
-
-    def get_attention_map(self):
-        """Post-softmax, pre-dropout probabilities saved when `save_attention` is set: [B, heads, L, N]."""
-        return self.attention_map
+        self.init_capture()
 
     def _heads(self, x):
         return x.view(x.shape[0], x.shape[1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
