@@ -10,7 +10,8 @@ import os
 
 import engine
 import utils
-from dataset import build_collate_fn, create_dataset, create_loader, static_shape_options
+from dataset import create_loader
+from engine.tasks import pretrain_loader
 from evaluation.retrieval import extract_image_features, extract_text_features, itc_retrieval
 from models.tokenization import build_tokenizer
 
@@ -29,9 +30,7 @@ def main(args):
     device = engine.device_of(args)
     tokenizer = build_tokenizer(args.text_encoder)
 
-    train_set = create_dataset('pretrain', config).train
-    collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(config))
-    loader, sampler = engine.train_loader(train_set, config, args, collate, config['batch_size'])
+    loader, sampler = pretrain_loader(config, args, tokenizer)
 
     # pretraining reads BERT (and DeiT) at construction; a --checkpoint then overwrites every weight
     init_deit = config.get('init_deit', True) and not args.checkpoint and args.resume is None
