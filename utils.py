@@ -237,6 +237,11 @@ def _json_default(obj):
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
+def plain_json(obj: Any) -> Any:
+    """`obj` with numpy and tensor scalars turned into Python numbers (what JSON and weights-only loading accept)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def atomic_write_json(obj: Any, path: str) -> None:
     """json.dump to `path` atomically (tensors and numpy values become numbers/lists)."""
     text = json.dumps(obj, indent=2, default=_json_default).encode()

@@ -286,10 +286,11 @@ class TrainingRun:
     def end_epoch(self, epoch, record):
         """Track the best epoch record and write the epoch's checkpoint; returns whether it is the best so far."""
         key = self.select_key
+        record = utils.plain_json(record)  # metrics may be numpy scalars; checkpoints load with weights_only=True
         improved = key is not None and record.get(key, -math.inf) > self.best
         if improved:
-            self.best, self.best_epoch, self.best_record = record[key], epoch, dict(record)
-        self.last_record = dict(record)
+            self.best, self.best_epoch, self.best_record = record[key], epoch, record
+        self.last_record = record
         self._save(epoch, None, utils.MetricTracker(), best=improved)
         self.epoch, self.step, self.skipped_images = epoch + 1, 0, 0
         return improved

@@ -1,6 +1,7 @@
 """Faults that lose nothing: a SIGKILLed pretraining run resumes to the same weights, corrupt checkpoints are named
 and skipped by --resume auto, non-finite losses stop (or are skipped and counted), unreadable images are counted in
 the logs, bad configs stop before training, and torchrun --max-restarts resumes a job one of whose ranks died."""
+import argparse
 import json
 import os
 import shutil
@@ -310,3 +311,22 @@ def test_only_loss_entries_of_a_step_are_optimised_the_others_are_logged(tmp_pat
     from engine.loop import total_loss
     out = {'loss_a': torch.tensor(1.5), 'loss_b': torch.tensor(2.0), 'codes_used': torch.tensor(7.0)}
     assert float(total_loss(out)) == 3.5
+
+
+@pytest.mark.unit
+def test_checkpoints_with_numpy_metrics_load_weights_only(tmp_path):
+    import numpy as np
+    from models.checkpoint import load_checkpoint_file
+    out = tmp_path / 'out'
+    args = argparse.Namespace(output_dir=str(out), seed=0, resume=None, checkpoint='', distributed=False,
+                              device='cpu')
+    os.makedirs(out)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    from engine.checkpoints import TrainingRun
+    from scheduler import create_scheduler
+    scheduler = create_scheduler(TOY_CONFIG['schedular'], optimizer)
+    run = TrainingRun(args, TOY_CONFIG, model, optimizer, scheduler, select_key='val_acc')
+    run.end_epoch(0, {'val_acc': np.float64(0.5), 'zeroshot_txt_r1': np.float32(3.0), 'epoch': 0})
+    ckpt = load_checkpoint_file(str(out / 'checkpoint_last.pth'))  # weights_only=True: no numpy scalar inside
+    assert ckpt['best_record'] == {'val_acc': 0.5, 'zeroshot_txt_r1': 3.0, 'epoch': 0}
