@@ -10,6 +10,7 @@ block is registered (`register_blk`: Grad-CAM for weakly-supervised visual groun
 State-dict layout (keys, order, shapes) equals the official one: `cls_token`, `pos_embed`, `patch_embed.proj.*`,
 `blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*`, `norm.*`.
 """
+import inspect
 import math
 from functools import partial
 
@@ -23,6 +24,15 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from .attention_capture import AttentionCapture
 
 VIT_DEFAULTS = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True)
+
+# The official ViT initialises every Linear with a truncated normal (std .02) and a zero bias, and leaves the other
+# modules as constructed (LayerNorm ones / zeros, the patch convolution at its default). timm's ViT init function is that
+# rule; timm >= 1.0 also re-initialises modules with reset_parameters() unless told not to, which would draw the patch
+# convolution again and shift every later draw away from the official initialisation.
+if 'needs_reset' in inspect.signature(init_weights_vit_timm).parameters:
+    _init_weights = partial(init_weights_vit_timm, needs_reset=False)
+else:
+    _init_weights = init_weights_vit_timm
 
 
 class Attention(AttentionCapture, nn.Module):
@@ -102,8 +112,8 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.cls_token, std=.02)
         if self.mask_token is not None:
             trunc_normal_(self.mask_token, std=.02)
-        # Linear: truncated normal (std .02), zero bias; LayerNorm: ones / zeros
-        self.apply(init_weights_vit_timm)
+        # same order of draws as the official ViT: with the same seed the weights equal the official ones
+        self.apply(_init_weights)
 
     def no_weight_decay(self):
         """Names the official ViT exempts (never consulted by the official optimiser, docs/QUIRKS.md

@@ -137,3 +137,20 @@ def test_mask_token_replaces_masked_patches_before_the_position_embedding():
     torch.testing.assert_close(vit(changed, mask=mask), out)
     (out * torch.randn_like(out)).sum().backward()
     assert vit.mask_token.grad is not None and vit.mask_token.grad.abs().sum() > 0
+
+
+def test_seeded_initialisation_equals_the_official_one():
+    """Same draws in the same order as the official ViT (timm's truncated normal for pos_embed, cls_token and every
+    Linear; the patch convolution and LayerNorms as constructed): the reference state dict was built right after
+    torch.manual_seed(0) and the ViT is the first module the official ALBEF builds."""
+    import os
+    ref = torch.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'parity', 'pretrain.pt'), weights_only=True)
+    vit_cfg = ref['config']['vit']
+    official = {k[len('visual_encoder.'):]: v for k, v in ref['state_dict'].items() if k.startswith('visual_encoder.')}
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=vit_cfg['img_size'], patch_size=vit_cfg['patch_size'],
+                            embed_dim=vit_cfg['embed_dim'], depth=vit_cfg['depth'], num_heads=vit_cfg['num_heads'],
+                            mlp_ratio=vit_cfg['mlp_ratio'], qkv_bias=vit_cfg['qkv_bias'])
+    ours = vit.state_dict()
+    assert list(ours) == list(official)
+    assert [k for k in official if not torch.equal(ours[k], official[k])] == []
