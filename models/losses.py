@@ -192,7 +192,8 @@ def vlmo_negative_weights(logits_local):
 
 def vlmo_itm_labels(batch_size, device=None):
     """[1]*B (positives) + [0]*2B ((text, negative image), (negative text, image))."""
-    return torch.cat([torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]).to(device)
+    labels = torch.cat([torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)])
+    return labels.to(device)
 
 
 def vlmo_mlm_loss(logits, labels):
@@ -237,7 +238,8 @@ def vlmo_whole_word_mask(input_ids, subword, special_ids, mask_token_id, vocab_s
     shuffled with Python's `rng`; k = min(max_predictions, max(1, round(probability * L))) positions are taken group
     by group (a group that would exceed k is skipped); special ids are then unselected. Selected positions become
     [MASK] with probability 0.8, else a random id with probability 0.5, else stay (torch RNG). `special_ids` is
-    ([CLS], [SEP], other special ids such as [PAD], [UNK], [MASK]). Returns (masked ids, labels with -100 at unselected positions)."""
+    ([CLS], [SEP], other special ids such as [PAD], [UNK], [MASK]). Returns (masked ids, labels with -100 at
+    unselected positions)."""
     import random as _random
     rng = rng or _random
     ids = input_ids.clone()

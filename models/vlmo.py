@@ -29,7 +29,8 @@ IGNORED_KWARGS = ('text_encoder', 'tokenizer', 'init_deit', 'with_momentum', 'te
 # ---- index maps of the shared relative position table -----------------------------------------------------------
 def image_relative_position_index(grid):
     """[1+P, 1+P] BEiT layout: 2-D patch offsets, then CLS row T_img-3, CLS column T_img-2, CLS-CLS T_img-1."""
-    coords = torch.stack(torch.meshgrid(torch.arange(grid, device='cpu'), torch.arange(grid, device='cpu'), indexing='ij')).flatten(1)  # [2, P]
+    axis = torch.arange(grid, device='cpu')
+    coords = torch.stack(torch.meshgrid(axis, axis, indexing='ij')).flatten(1)  # [2, P]
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)
     num = (2 * grid - 1) ** 2 + 3
     index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long, device='cpu')
@@ -536,7 +537,8 @@ class VLMo(nn.Module):
     def _text_setup(self, tokenizer, config):
         """Special ids and the word-piece table the whole-word masking of the training forward needs."""
         get = lambda name, default: int(getattr(tokenizer, name, default))  # noqa: E731
-        self.cls_id, self.sep_id, self.pad_id = get('cls_token_id', 101), get('sep_token_id', 102), get('pad_token_id', 0)
+        self.cls_id, self.sep_id = get('cls_token_id', 101), get('sep_token_id', 102)
+        self.pad_id = get('pad_token_id', 0)
         self.mask_id, self.unk_id = get('mask_token_id', 103), get('unk_token_id', 100)
         mlm = config.get('mlm') or {}
         self.mlm_masking, self.mlm_probability = mlm.get('masking', 'wwm'), float(mlm.get('probability', 0.15))
