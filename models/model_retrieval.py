@@ -29,12 +29,16 @@ class ALBEF(AlbefBase):
             return hard, hard
         return losses.distill_targets(sim_i2t_m, hard, alpha), losses.distill_targets(sim_t2i_m, hard, alpha)
 
-    def forward(self, image, text, alpha=0, idx=None):
+    def check_can_train(self, idx):
+        """Refuse to train the inference form, or without the image index of every caption."""
         if not self.with_momentum:
             raise RuntimeError('this retrieval model was built in the inference form (no momentum encoders or '
                                'queues) and cannot train; build it with with_momentum=True')
         if idx is None:
             raise ValueError('the retrieval model needs idx (the image index of every caption) to train')
+
+    def forward(self, image, text, alpha=0, idx=None):
+        self.check_can_train(idx)
         # the official fine-tuning never clamps temp (docs/QUIRKS.md)
         itc = self.itc_forward(image, text, alpha, idx)
         loss_itm = self.itm_forward(share_image_tokens(self, itc.image_embeds), itc.text_embeds, text.attention_mask,

@@ -27,11 +27,7 @@ class SIMLA(SimlaMixin, AlbefRetrieval):
         super()._dequeue_and_enqueue(image_feat, text_feat, idx if self.enqueue_idx else None)
 
     def forward(self, image, text, alpha=0, idx=None):
-        if not self.with_momentum:
-            raise RuntimeError('this retrieval model was built in the inference form (no momentum encoders or '
-                               'queues) and cannot train; build it with with_momentum=True')
-        if idx is None:
-            raise ValueError('the retrieval model needs idx (the image index of every caption) to train')
+        self.check_can_train(idx)
         if self.temp_clamp:
             self.temp.data.clamp_(0.001, 0.5)
         itc = self.itc_forward(image, text, alpha, idx)
