@@ -80,7 +80,7 @@ _TRAINING_KEYS = {
 _SPEED_KEYS = {
     "grad_checkpointing": Key(BOOL), "compile": Key(BOOL), "attention": Key(STR, ("sdpa", "explicit")),
     "ema": Key(STR, ("reference", "foreach")), "vectorized_negatives": Key(BOOL), "queue_wraparound": Key(BOOL),
-    # training: project each fusion layer's image K/V once per step for the ITM and MLM passes (spec 16.6)
+    # training: project each fusion layer's image K/V once per step for the ITM and MLM passes
     "kv_reuse": Key(BOOL),
     # retrieval evaluation: 'fast' = batched re-ranker with per-image K/V reuse, 'reference' = official loop
     "rerank_method": Key(STR, ("fast", "reference")), "rerank_batch": Key(INT, nullable=True),
@@ -219,7 +219,7 @@ class ConfigError(ValueError):
 
 
 def _yaml() -> YAML:
-    # typ='safe' follows YAML 1.2, where 1e-4 is a float (PyYAML's 1.1 loader returns a string, spec §9.4).
+    # typ='safe' follows YAML 1.2, where 1e-4 is a float (PyYAML's 1.1 loader returns a string).
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     yaml.representer.sort_base_mapping_type_on_output = False  # keep the config's own key order when saving
