@@ -113,11 +113,6 @@ register_family('albef', _albef_tasks())
 def _codis_tasks():
     """CODIS pretraining (models/codis.py) and ALBEF's downstream task models, whose start-from-a-file rules first
     drop the CODIS-only keys (the codebook) of a CODIS checkpoint and report them."""
-    import os
-    import tempfile
-
-    import torch
-
     from . import checkpoint as ckpt
     from . import codis
 
@@ -126,15 +121,12 @@ def _codis_tasks():
 
     def dropping_codebook(albef_rule):
         def load(model, path, config):
-            sd = ckpt.load_state_dict_file(path)
+            sd = ckpt.read_checkpoint(path)  # read once; ALBEF's rule takes the filtered dict in place of the path
             dropped = [k for k in sd if k.split('.', 1)[0] in ('codebook', 'codebook_m')]
-            if not dropped:
-                return albef_rule(model, path, config)
-            print(f'dropped CODIS-only keys: {", ".join(dropped)}')
-            with tempfile.TemporaryDirectory() as tmp:  # ALBEF's rules read a file: hand them the file without them
-                kept = os.path.join(tmp, os.path.basename(str(path)))
-                torch.save({k: v for k, v in sd.items() if k not in dropped}, kept)
-                return albef_rule(model, kept, config)
+            if dropped:
+                print(f'dropped CODIS-only keys: {", ".join(dropped)}')
+            kept = ckpt.LoadedCheckpoint({k: v for k, v in sd.items() if k not in dropped}, path)
+            return albef_rule(model, kept, config)
         return load
 
     albef = _albef_tasks()

@@ -45,8 +45,9 @@ def refuse_other_family(sd, family, path):
 def refusing(family, loader):
     """`loader(model, path, config)` that first refuses a checkpoint of the other family."""
     def load(model, path, config):
-        refuse_other_family(ckpt.load_state_dict_file(path), family, path)
-        return loader(model, path, config)
+        sd = ckpt.read_checkpoint(path)  # read once: the loader takes it in place of the path
+        refuse_other_family(sd, family, path)
+        return loader(model, sd, config)
     load.__doc__ = loader.__doc__
     return load
 
