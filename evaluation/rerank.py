@@ -1,13 +1,14 @@
-"""Two-stage retrieval evaluation: ITC candidates, then ITM re-ranking (spec 12.1 steps 3-6, 16.6).
+"""Two-stage retrieval evaluation (the paper's inference): ITC top-k candidates, then ITM re-ranking of those.
 
 Two re-rankers give the same score matrices (to fp32 rounding):
 - `rerank_reference`: the official procedure, one fusion call per query row with the image tokens repeated k times;
-- `rerank_fast`: every unique candidate pair of both directions scored once, in large batches grouped by image, with
-  each image's cross-attention keys/values computed once per layer (not once per pair) and text padding trimmed.
+- `rerank_fast`: every unique candidate pair of both directions scored once, in chunks of pairs grouped by image
+  (sized by `chunk_size`: small enough for a CPU's caches, large on a GPU), with each image's cross-attention
+  keys/values computed once per chunk and layer (not once per pair) and text padding trimmed.
 
 Rows are split across ranks in the official contiguous blocks of floor(n / W) + 1; every rank fills only its rows
-(zeros elsewhere) and the rows are then summed across ranks, which gathers them exactly (spec 12.1 step 6: no
-summed -100 fills), so one and several processes give the same matrices.
+(zeros elsewhere) and the rows are then summed across ranks, which gathers them exactly (the official code sums
+-100 fills instead), so one and several processes give the same matrices.
 """
 from typing import NamedTuple
 
@@ -115,17 +116,65 @@ def candidate_pairs(sims, k_test, world_size=1, rank=0):
             (s2, e2, t2i_top), inverse[n_i2t:].view_as(t2i_top))
 
 
-def image_chunks(pair_image, pair_batch):
-    """[start, end) ranges over the image-sorted pairs, cut at image boundaries, about `pair_batch` pairs each."""
+# Automatic chunking. Each fusion layer turns a chunk of P pairs into P x text_len rows of several tensors, the
+# widest being the FFN's intermediate_size columns (attention scores are not materialised: SDPA). On a CPU the
+# elementwise work between the matmuls (bias copies, GELU, LayerNorm, residual adds, gathers) runs at cache speed
+# while a chunk's activations stay near the cache sizes and at main-memory speed far above; tiny chunks pay the fixed
+# cost of every operator call (and a thread barrier per call, slow on a busy machine) too often. With the tiny model
+# (60 KiB per pair) 16 to 384 pairs per chunk ran at the same best speed, 1,024 20-30% and 4,096 50-70% slower
+# (1 thread, docs/PERFORMANCE.md); 16 MiB gives 273 pairs. A GPU wants large chunks (kernel launches,
+# occupancy). The floor keeps each image's cross-attention K/V shared by enough pairs when a pair is large
+# (BERT-base: 360 KiB).
+CHUNK_BYTES = {'cpu': 16 * 2 ** 20, 'cuda': 256 * 2 ** 20}
+MIN_CHUNK, MAX_CHUNK = 32, 4096
+
+
+def pair_activation_bytes(bert, text_len, element_size=4):
+    """Bytes of the widest fusion-layer activation of one (text, image) pair: text_len rows of the FFN (or of the
+    self-attention scores when heads x text_len is wider)."""
+    cfg = bert.config
+    return text_len * max(cfg.intermediate_size, cfg.hidden_size, cfg.num_attention_heads * text_len) * element_size
+
+
+def auto_pair_batch(per_pair_bytes, device_type='cpu', chunk_bytes=None):
+    """Pairs per chunk such that one chunk's widest activation stays within `chunk_bytes` (default: per device),
+    within [MIN_CHUNK, MAX_CHUNK]."""
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES['cuda']) if chunk_bytes is None else chunk_bytes
+    return int(max(MIN_CHUNK, min(MAX_CHUNK, budget // max(1, per_pair_bytes))))
+
+
+def chunk_size(model, feats, pair_batch=None, chunk_bytes=None):
+    """Pairs per chunk: the automatic size, capped by `pair_batch` when one is given (the `rerank_batch` key)."""
+    per_pair = pair_activation_bytes(text_backbone(model), feats.text_feats.shape[1], feats.text_feats.element_size())
+    auto = auto_pair_batch(per_pair, feats.image_feats.device.type, chunk_bytes)
+    return auto if pair_batch is None else max(1, min(int(pair_batch), auto))
+
+
+def pair_chunks(pair_image, size):
+    """Chunks of the image-sorted pairs, each a list of pieces [start, end) of one image's pairs, largest first.
+
+    The grouped cross-attention pads every image of a chunk to the chunk's largest piece, so chunks cut in image
+    order lose when one image is the candidate of many texts (ITC hubs: a chunk of one 640-pair image and 24 of 16
+    pairs computes 25 x 640 query slots for 1,024 pairs). Here each image's run is cut into pieces of at most `size`
+    pairs, the pieces are sorted by length and packed while pieces x largest piece <= `size` and each piece has at
+    least 3/4 of the largest one's pairs: every chunk computes at most `size` query slots, of which padding is at
+    most a quarter (usually almost none: most images have about k_test candidates).
+    """
     _, counts = torch.unique_consecutive(pair_image, return_counts=True)
-    chunks, start, size = [], 0, 0
+    pieces, start = [], 0
     for count in counts.tolist():
-        if size and size + count > pair_batch:
-            chunks.append((start, start + size))
-            start, size = start + size, 0
-        size += count
-    if size:
-        chunks.append((start, start + size))
+        pieces += [(s, min(s + size, start + count)) for s in range(start, start + count, size)]
+        start += count
+    pieces.sort(key=lambda p: (p[0] - p[1], p[0]))  # longest first, then in pair order
+    chunks, current = [], []
+    for piece in pieces:
+        largest = current[0][1] - current[0][0] if current else 0
+        if current and ((len(current) + 1) * largest > size or 4 * (piece[1] - piece[0]) < 3 * largest):
+            chunks.append(current)
+            current = []
+        current.append(piece)
+    if current:
+        chunks.append(current)
     return chunks
 
 
@@ -133,23 +182,27 @@ def grouped_cross_attention(attn, hidden, image_states, slot, groups, per_group)
     """Cross-attention of P text rows against U images with each image's K/V computed once.
 
     The queries of all texts of one image are laid side by side along the query axis ([U, heads, C*L, d]), which
-    is exact because cross-attention rows are independent and image masks are all ones.
+    is exact because cross-attention rows are independent and image masks are all ones. `slot` places row p at
+    position slot[p] of the U x C padded rows; None when the rows already fill them in order (no padding).
     """
     P, L, D = hidden.shape
     heads, d = attn.num_attention_heads, attn.attention_head_size
     query = attn.query(hidden)
-    q = query.new_zeros(groups * per_group, L, D)  # query's dtype: bf16 under autocast
-    q[slot] = query
+    if slot is not None:
+        q = query.new_zeros(groups * per_group, L, D)  # query's dtype: bf16 under autocast
+        q[slot] = query
+    else:
+        q = query
     q = q.view(groups, per_group * L, heads, d).transpose(1, 2)
     n = image_states.shape[1]
     k = attn.key(image_states).view(groups, n, heads, d).transpose(1, 2)
     v = attn.value(image_states).view(groups, n, heads, d).transpose(1, 2)
-    context = F.scaled_dot_product_attention(q, k, v)
-    return context.transpose(1, 2).reshape(groups * per_group, L, D)[slot]
+    context = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups * per_group, L, D)
+    return context if slot is None else context[slot]
 
 
-def fuse_grouped(bert, text_states, text_mask, image_states, group, slot, per_group):
-    """The fusion layers (mode 'fusion') for text rows whose images are `image_states[group]`."""
+def fuse_grouped(bert, text_states, text_mask, image_states, slot, per_group):
+    """The fusion layers (mode 'fusion') for text rows grouped by image (`slot`: see grouped_cross_attention)."""
     self_mask = extended_self_mask(text_mask, False, text_states.dtype)
     hidden = text_states
     fusion, total = bert.encoder.layer_range('fusion')
@@ -163,33 +216,45 @@ def fuse_grouped(bert, text_states, text_mask, image_states, group, slot, per_gr
 
 
 @torch.no_grad()
-def score_pairs(model, feats, pair_image, pair_text, pair_batch=1024, trim=True, progress=False):
-    """ITM match logits of image-sorted unique pairs, in chunks of about `pair_batch` pairs."""
+def score_pairs(model, feats, pair_image, pair_text, pair_batch=None, trim=True, progress=False, chunk_bytes=None):
+    """ITM match logits of image-sorted unique pairs, in chunks of at most `chunk_size(...)` query slots."""
     bert = text_backbone(model)
-    scores = torch.empty(pair_image.numel(), device=feats.image_feats.device)
-    for start, end in tqdm(image_chunks(pair_image, pair_batch), desc='re-rank', disable=not progress):
-        images, texts = pair_image[start:end], pair_text[start:end]
-        unique, group, counts = torch.unique_consecutive(images, return_inverse=True, return_counts=True)
-        first = torch.cumsum(counts, 0) - counts
-        per_group = int(counts.max())
-        slot = group * per_group + (torch.arange(end - start, device=images.device) - first[group])
+    device = feats.image_feats.device
+    scores = torch.empty(pair_image.numel(), device=device)
+    size = chunk_size(model, feats, pair_batch, chunk_bytes)
+    for pieces in tqdm(pair_chunks(pair_image, size), desc='re-rank', disable=not progress):
+        lengths = [e - s for s, e in pieces]
+        per_group = lengths[0]
+        rows = torch.cat([torch.arange(s, e) for s, e in pieces]).to(device)
+        texts = pair_text[rows]
+        unique = pair_image[torch.tensor([s for s, _ in pieces], device=device)]
+        if all(n == per_group for n in lengths):
+            slot = None
+        else:
+            group = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor(lengths))
+            first = torch.tensor([0] + lengths[:-1]).cumsum(0)
+            slot = (group * per_group + torch.arange(rows.numel()) - first[group]).to(device)
         mask = feats.text_masks[texts]
         length = int(mask.sum(1).max()) if trim else mask.shape[1]
         # dropping all-padding columns is exact: padded keys get exp(-10000) = 0 weight, padded queries are unused
         cls = fuse_grouped(bert, feats.text_feats[texts, :length], mask[:, :length], feats.image_feats[unique],
-                           group, slot, per_group)
-        scores[start:end] = model.itm_head(cls)[:, 1].float()
+                           slot, per_group)
+        scores[rows] = model.itm_head(cls)[:, 1].float()
     return scores
 
 
 @torch.no_grad()
-def rerank_fast(model, feats, sims, k_test, score='itm', world_size=1, rank=0, pair_batch=1024, trim=True,
-                progress=False):
-    """Same matrices as `rerank_reference`; each unique pair once, each image's K/V once per chunk and layer."""
+def rerank_fast(model, feats, sims, k_test, score='itm', world_size=1, rank=0, pair_batch=None, trim=True,
+                progress=False, chunk_bytes=None):
+    """Same matrices as `rerank_reference`; each unique pair once, each image's K/V once per chunk and layer.
+
+    Chunks: automatic (`chunk_size`), at most `pair_batch` pairs when given; `chunk_bytes` overrides the
+    per-device activation budget of the automatic rule.
+    """
     _check_rule(score)
     pair_image, pair_text, (s, e, i2t_top), i2t_pair, (s2, e2, t2i_top), t2i_pair = \
         candidate_pairs(sims, k_test, world_size, rank)
-    logits = score_pairs(model, feats, pair_image, pair_text, pair_batch, trim, progress)
+    logits = score_pairs(model, feats, pair_image, pair_text, pair_batch, trim, progress, chunk_bytes)
     if score == 'itm+itc':
         logits = logits + sims[pair_image, pair_text]
     n_img, n_txt = sims.shape
@@ -215,9 +280,12 @@ def _world():
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, image_loader, tokenizer, device, k_test, score='itm', method='fast', pair_batch=1024,
+def evaluate_retrieval(model, image_loader, tokenizer, device, k_test, score='itm', method='fast', pair_batch=None,
                        progress=True):
-    """Score matrices (i2t [Ni, Nt], t2i [Nt, Ni], numpy) of the official two-stage protocol on a re_eval loader."""
+    """Score matrices (i2t [Ni, Nt], t2i [Nt, Ni], numpy) of the official two-stage protocol on a re_eval loader.
+
+    `pair_batch` (config `rerank_batch`): None for automatic chunks, else an upper bound on pairs per chunk.
+    """
     was_training = model.training
     model.eval()
     dataset = image_loader.dataset

@@ -11,7 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from evaluation.rerank import (evaluate_retrieval, extract_features, owned_rows, rerank_fast, rerank_reference)
+from evaluation.rerank import (CHUNK_BYTES, MAX_CHUNK, MIN_CHUNK, auto_pair_batch, chunk_size, evaluate_retrieval,
+                               extract_features, owned_rows, pair_activation_bytes, pair_chunks, rerank_fast,
+                               rerank_reference)
+from evaluation.retrieval import text_backbone
 from models.checkpoint import load_retrieval_checkpoint
 from models.model_retrieval import ALBEF
 from tests.parity_utils import StubTokenizer, build_model, load_reference
@@ -78,6 +81,66 @@ def test_fast_reranker_equals_reference(pair_batch, trim):
             assert torch.equal(fast_i2t == -100, ref_i2t == -100)
 
 
+@pytest.mark.e2e  # several seconds, like the cases above
+def test_automatic_chunks_equal_reference_with_an_itc_hub():
+    """Default (automatic) chunking, and smaller chunks that split the hub and pad, on candidates where image 0
+    is in every text's top k (the case that made image-order chunks pad badly)."""
+    model = build_model('retrieval', REF).eval()
+    loader, tok = eval_inputs()
+    feats = extract_features(model, loader, loader.dataset.text, tok, 'cpu')
+    sims = feats.image_embeds @ feats.text_embeds.t()
+    sims[0] += 10.0
+    assert chunk_size(model, feats) == auto_pair_batch(pair_activation_bytes(text_backbone(model), TEXT_LEN))
+    for k in (3, 9):
+        for score in ('itm', 'itm+itc'):
+            ref_i2t, ref_t2i = rerank_reference(model, feats, sims, k, score)
+            for pair_batch, chunk_bytes in ((None, None), (None, 1), (5, None)):  # automatic, MIN_CHUNK, 5 pairs
+                fast_i2t, fast_t2i = rerank_fast(model, feats, sims, k, score, pair_batch=pair_batch,
+                                                 chunk_bytes=chunk_bytes)
+                assert torch.allclose(fast_i2t, ref_i2t, atol=1e-5, rtol=1e-5)
+                assert torch.allclose(fast_t2i, ref_t2i, atol=1e-5, rtol=1e-5)
+                assert torch.equal(fast_i2t == -100, ref_i2t == -100)
+
+
+def test_chunk_size_rule():
+    bert = types.SimpleNamespace(config=types.SimpleNamespace(intermediate_size=512, hidden_size=128,
+                                                              num_attention_heads=4))
+    # widest activation per pair: 30 text rows x max(FFN 512, 4 heads x 30 self-attention scores) fp32 values
+    assert pair_activation_bytes(bert, 30) == 30 * 512 * 4
+    assert pair_activation_bytes(bert, 30, element_size=2) == 30 * 512 * 2
+    assert pair_activation_bytes(bert, 200) == 200 * 4 * 200 * 4
+    per_pair = 30 * 512 * 4
+    assert auto_pair_batch(per_pair, 'cpu') == CHUNK_BYTES['cpu'] // per_pair
+    assert auto_pair_batch(per_pair, 'cuda') == min(MAX_CHUNK, CHUNK_BYTES['cuda'] // per_pair)
+    assert auto_pair_batch(per_pair, 'cpu', chunk_bytes=100 * per_pair + 1) == 100
+    assert auto_pair_batch(10 ** 12, 'cpu') == MIN_CHUNK and auto_pair_batch(1, 'cpu') == MAX_CHUNK
+    feats = types.SimpleNamespace(image_feats=torch.zeros(2, 65, 128), text_feats=torch.zeros(3, 30, 128))
+    model = types.SimpleNamespace(text_encoder=bert)
+    auto = auto_pair_batch(per_pair, 'cpu')
+    assert chunk_size(model, feats) == auto
+    assert chunk_size(model, feats, pair_batch=7) == 7  # rerank_batch caps the automatic size ...
+    assert chunk_size(model, feats, pair_batch=10 ** 6) == auto  # ... and never raises it
+
+
+def test_pair_chunks_cover_every_pair_once_with_little_padding():
+    # one ITC hub image with 640 candidate pairs among 24 images with 16 and 3 images with 1
+    counts = [16] * 10 + [640] + [16] * 14 + [1] * 3
+    pair_image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    for size in (1, 7, 64, 256, 1024, 10 ** 6):
+        chunks = pair_chunks(pair_image, size)
+        rows = sorted(i for pieces in chunks for s, e in pieces for i in range(s, e))
+        assert rows == list(range(pair_image.numel()))
+        slots = 0
+        for pieces in chunks:
+            lengths = [e - s for s, e in pieces]
+            assert lengths == sorted(lengths, reverse=True)
+            assert all(int(pair_image[s]) == int(pair_image[e - 1]) for s, e in pieces)  # one image per piece
+            assert len(pieces) * lengths[0] <= size  # padded query slots within the size
+            assert 4 * lengths[-1] >= 3 * lengths[0]  # padding at most a quarter of them
+            slots += len(pieces) * lengths[0]
+        assert slots <= 1.01 * pair_image.numel()  # image-order chunks of 1,024 pairs padded to 16,003
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -111,7 +174,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
 # ---- Retrieval.py on a tiny hand-made dataset ---------------------------------------------------------------------
 def tiny_config(root, **extra):
     """Configs/Retrieval_synthetic.yaml's model at toy size, reading the tiny dataset under `root`."""
-    from utils import load_config
+    from engine.config import load_config
     config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'Retrieval_synthetic.yaml'))
     config.update(train_file=[str(root / 'train.json')], val_file=str(root / 'val.json'),
                   test_file=str(root / 'val.json'), image_root=str(root), image_res=32, batch_size_train=4,
@@ -137,7 +200,7 @@ def write_tiny_dataset(root):
 
 def run_retrieval(tmp_path, config, *argv):
     import Retrieval
-    from utils import save_config
+    from engine.config import save_config
     config_path = tmp_path / 'config.yaml'
     save_config(config, str(config_path))
     args = Retrieval.parser().parse_args(['--config', str(config_path), '--device', 'cpu', '--text_encoder', 'none',
@@ -188,7 +251,7 @@ def test_fine_tune_writes_log_checkpoints_and_metrics(tmp_path):
     records = [json.loads(x) for x in lines if x.startswith('{')]
     assert [r['epoch'] for r in records] == [0, 1] and lines[-1].startswith('best epoch:')
     assert all('val_r_mean' in r and 'test_r_mean' in r and 'train_loss_ita' in r for r in records)
-    for name in ('checkpoint_best.pth', 'checkpoint_00.pth', 'checkpoint_01.pth', 'metrics.json', 'config.yaml'):
+    for name in ('checkpoint_best.pth', 'checkpoint_last.pth', 'metrics.json', 'config.yaml'):
         assert (out / name).is_file(), name
     best = max(records, key=lambda r: r['val_r_mean'])
     assert json.loads((out / 'metrics.json').read_text())['epoch'] == best['epoch']
