@@ -13,10 +13,10 @@ Rows are split across ranks in the official contiguous blocks of floor(n / W) + 
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import utils
 from evaluation.retrieval import extract_image_features, extract_text_features, text_backbone
 from models.xbert import extended_self_mask
 
@@ -268,15 +268,7 @@ def rerank_fast(model, feats, sims, k_test, score='itm', world_size=1, rank=0, p
 # ---- one call for the scripts ------------------------------------------------------------------------------------
 def gather_rows(scores):
     """Sum each rank's row blocks (zeros elsewhere) so every rank holds the full matrix; identity alone."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(scores, op=dist.ReduceOp.SUM)
-    return scores
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    return utils.all_reduce_sum(scores)
 
 
 @torch.no_grad()
@@ -291,7 +283,7 @@ def evaluate_retrieval(model, image_loader, tokenizer, device, k_test, score='it
     dataset = image_loader.dataset
     feats = extract_features(model, image_loader, dataset.text, tokenizer, device)
     sims = (feats.image_embeds @ feats.text_embeds.t()).float()
-    world_size, rank = _world()
+    world_size, rank = utils.get_world_size(), utils.get_rank()
     progress = progress and rank == 0
     if method == 'fast':
         i2t, t2i = rerank_fast(model, feats, sims, k_test, score, world_size, rank, pair_batch, progress=progress)
