@@ -76,3 +76,46 @@ def test_stand_in_loads_as_deit_and_separates_pictures(synthetic_deit, synthetic
     # measured on the 150 test pictures: random ViTs 0.09-0.12 (seeds 0-2), stand-in 0.83
     assert neighbour_has_same_colours(random) < 0.3
     assert neighbour_has_same_colours(trained) > 0.6
+
+
+def test_cell_labels_place_each_shape_in_its_grid_cell_and_mirror_with_the_flip():
+    scene = {'shapes': [{'colour': 'blue', 'kind': 'star', 'size': 'small', 'row': 0, 'col': 0},
+                        {'colour': 'red', 'kind': 'cross', 'size': 'large', 'row': 2, 'col': 1}]}
+    y = stand_in.cell_labels(scene)
+    assert y.shape == (9, 3)
+    assert y[0].tolist() == [1 + COLOUR_NAMES.index('blue'), 1 + KINDS.index('star'), 1]
+    assert y[7].tolist() == [1 + COLOUR_NAMES.index('red'), 1 + KINDS.index('cross'), 2]
+    assert (y[[1, 2, 3, 4, 5, 6, 8]] == 0).all()  # empty cells are class 0 of every attribute
+    mirrored = stand_in.mirror_cells(y[None])[0]
+    assert mirrored[2].tolist() == y[0].tolist() and mirrored[7].tolist() == y[7].tolist()
+    assert (mirrored[0] == 0).all()
+    assert torch.equal(stand_in.mirror_cells(mirrored[None])[0], y)
+
+
+def test_cell_features_pool_patch_tokens_onto_the_grid():
+    """Token t of an 8x8 patch grid carries its column index: cell (r, c) averages the columns of its window."""
+    side, dim = 8, 2
+    tokens = torch.zeros(1, 1 + side * side, dim)
+    tokens[0, 1:, 0] = torch.arange(side).repeat(side).float()      # column of each patch
+    tokens[0, 1:, 1] = torch.arange(side).repeat_interleave(side).float()  # row of each patch
+    cells = stand_in.cell_features(tokens)[0]
+    assert cells.shape == (9, dim)
+    # columns increase left to right within a row of cells and rows top to bottom
+    assert cells[0, 0] < cells[1, 0] < cells[2, 0] and cells[0, 1] < cells[3, 1] < cells[6, 1]
+    assert torch.allclose(cells[4], torch.tensor([3.5, 3.5]))  # the centre cell is centred
+
+
+def test_cell_loss_is_low_only_for_the_right_cells():
+    y = stand_in.cell_labels({'shapes': [{'colour': 'green', 'kind': 'circle', 'size': 'small', 'row': 1,
+                                          'col': 1}]})[None]
+    right = torch.full((1, 9, sum(stand_in.CELL_CLASSES)), -20.0)
+    offsets = [0, stand_in.CELL_CLASSES[0], stand_in.CELL_CLASSES[0] + stand_in.CELL_CLASSES[1]]
+    for cell in range(9):
+        for attr in range(3):
+            right[0, cell, offsets[attr] + y[0, cell, attr]] = 20.0
+    assert stand_in.cell_loss(right, y) < 1e-6
+    acc = stand_in.cell_accuracy(right, y)
+    assert acc == {'colour': 1.0, 'kind': 1.0, 'size': 1.0, 'empty': 1.0}
+    wrong = right.roll(1, dims=1)  # every cell's logits moved to the next cell
+    assert stand_in.cell_loss(wrong, y) > 5  # two of nine cells wrong by a margin of 40
+    assert stand_in.cell_accuracy(wrong, y)['kind'] == 0.0
