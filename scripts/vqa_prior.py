@@ -6,6 +6,7 @@ never seen in training). Prints its VQA accuracy beside always giving the most c
 
     python scripts/vqa_prior.py --train data/synthetic/vqa_train.json --test data/synthetic/vqa_test.json \
         [--model_result output/demo/vqa/metrics.json]   # also prints the model's accuracy beside them
+        [--blind_result output/demo/vqa_blind/metrics.json]   # and the same model's with one fixed picture
 """
 import argparse
 import collections
@@ -55,6 +56,9 @@ def main(argv=None):
     p.add_argument('--words', type=int, default=3, help='question kind = its first WORDS words')
     p.add_argument('--limit', type=int, default=None, help='only the first LIMIT test questions')
     p.add_argument('--model_result', default=None, help="a VQA.py metrics.json on the same test file, printed beside")
+    p.add_argument('--blind_result', default=None,
+                   help="the metrics.json of the same model evaluated with image_blind=fixed (VQA.py --evaluate "
+                        "--opt image_blind=fixed), printed beside")
     args = p.parse_args(argv)
     train = [item for path in args.train for item in json.load(open(path))]
     test = json.load(open(args.test))[:args.limit]
@@ -62,9 +66,14 @@ def main(argv=None):
     if args.model_result:
         with open(args.model_result) as f:
             result['model'] = json.load(f)['metrics']['test_vqa_acc']
+        blind = ''
+        if args.blind_result:
+            with open(args.blind_result) as f:
+                result['model_blind'] = json.load(f)['metrics']['test_vqa_acc']
+            blind = f"the same model shown one fixed picture {result['model_blind']:.1f}, "
         print(f"VQA local accuracy on {result['questions']} test questions: model {result['model']:.1f}; image-blind "
-              f"references: question-kind prior {result['kind_prior']:.1f}, always \"{result['most_common_answer']}\" "
-              f"{result['most_common']:.1f}")
+              f"references: {blind}question-kind prior {result['kind_prior']:.1f}, always "
+              f"\"{result['most_common_answer']}\" {result['most_common']:.1f}")
     else:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
     return result
