@@ -168,7 +168,16 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     for rank in (0, 1):
         results = torch.load(tmp_path / f'rank{rank}.pt', weights_only=False)
         for method, (i2t, t2i) in results.items():
-            assert (i2t == single[method][0]).all() and (t2i == single[method][1]).all(), (rank, method)
+            for ours, one in ((i2t, single[method][0]), (t2i, single[method][1])):
+                ours, one = torch.as_tensor(ours), torch.as_tensor(one)
+                if method == 'reference':
+                    assert torch.equal(ours, one), (rank, method)
+                else:
+                    # the fast path packs each process's share of the pairs into its own chunks, so its matmuls
+                    # have other shapes than in one process; on an Intel Xeon (not on the AMD EPYC this was first
+                    # run on) the last bit of some scores then differs. Same candidates, same scores to rounding.
+                    assert torch.equal(ours == -100, one == -100), (rank, method)
+                    assert torch.allclose(ours, one, rtol=0, atol=1e-5), (rank, method, (ours - one).abs().max())
 
 
 # ---- Retrieval.py on a tiny hand-made dataset ---------------------------------------------------------------------

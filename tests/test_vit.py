@@ -153,4 +153,7 @@ def test_seeded_initialisation_equals_the_official_one():
                             mlp_ratio=vit_cfg['mlp_ratio'], qkv_bias=vit_cfg['qkv_bias'])
     ours = vit.state_dict()
     assert list(ours) == list(official)
-    assert [k for k in official if not torch.equal(ours[k], official[k])] == []
+    # the same draws in the same order; to the last bit only on some CPUs: the vectorised erfinv of timm's
+    # truncated normal rounds differently between instruction sets (differences of 4e-9 seen on an Intel Xeon,
+    # none on an AMD EPYC), while any other draw would differ by ~0.02
+    assert [k for k in official if not torch.allclose(ours[k], official[k], rtol=0, atol=1e-7)] == []
