@@ -152,12 +152,14 @@ def train_vit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, lr
     torch.manual_seed(seed)
     pictures, labels, _, cells = load_training_pictures(root, config['image_res'])
     vit = build_vit(config)
-    head = nn.Linear(vit.embed_dim, NUM_LABELS)
-    cell_head = nn.Linear(vit.embed_dim, sum(CELL_CLASSES))
-    for layer in (head, cell_head):
+    heads = nn.ModuleDict({'cls': nn.Linear(vit.embed_dim, NUM_LABELS)})
+    if cell_weight > 0:
+        heads['cells'] = nn.Linear(vit.embed_dim, sum(CELL_CLASSES))
+    for layer in heads.values():
         nn.init.trunc_normal_(layer.weight, std=.02)
         nn.init.zeros_(layer.bias)
-    params = list(vit.parameters()) + list(head.parameters()) + list(cell_head.parameters())
+    head = heads['cls']
+    params = list(vit.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = len(pictures) // batch_size
     if steps_per_epoch == 0:
@@ -179,8 +181,8 @@ def train_vit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, lr
             y_cells = torch.where(flip[:, None, None], mirror_cells(y_cells), y_cells)
             tokens = vit(x)
             loss = attribute_loss(head(tokens[:, 0]), labels[idx])
-            if cell_weight > 0:
-                loss = loss + cell_weight * cell_loss(cell_head(cell_features(tokens)), y_cells)
+            if 'cells' in heads:
+                loss = loss + cell_weight * cell_loss(heads['cells'](cell_features(tokens)), y_cells)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -190,17 +192,17 @@ def train_vit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, lr
     vit.eval()
     n_c, n_k = len(COLOUR_NAMES), len(KINDS)
     groups = {'colours': slice(0, n_c), 'kinds': slice(n_c, n_c + n_k), 'colour-kind pairs': slice(n_c + n_k, None)}
-    for prefix in ('train_', 'test_'):
-        held_pictures, held_labels, _, held_cells = (pictures, labels, None, cells) if prefix == 'train_' else \
-            load_training_pictures(root, config['image_res'], prefix)
+    held_out = load_training_pictures(root, config['image_res'], 'test_')
+    for prefix, (held_pictures, held_labels, _, held_cells) in (('train_', (pictures, labels, None, cells)),
+                                                               ('test_', held_out)):
         with torch.no_grad():
             tokens = torch.cat([vit(normalise(held_pictures[i:i + 256])) for i in range(0, len(held_pictures), 256)])
         probe = head(tokens[:, 0])
         correct, absent = ((probe > 0) == held_labels.bool()).float(), (held_labels == 0).float()
         log(f'{prefix}* pictures, [CLS] label accuracy (answering "absent" everywhere): ' + ', '.join(
             f'{name} {correct[:, cols].mean():.3f} ({absent[:, cols].mean():.3f})' for name, cols in groups.items()))
-        if cell_weight > 0:
-            acc = cell_accuracy(cell_head(cell_features(tokens)), held_cells)
+        if 'cells' in heads:
+            acc = cell_accuracy(heads['cells'](cell_features(tokens)), held_cells)
             log(f'{prefix}* pictures, per-cell accuracy of occupied cells (chance 1/8, 1/6, 1/2): ' + ', '.join(
                 f'{name} {value:.3f}' for name, value in acc.items()))
     state = dict(vit.state_dict())
