@@ -253,6 +253,25 @@ def test_code_loss_reads_the_queue_before_the_enqueue_and_freezing_stops_codeboo
     assert model.codebook.weight.grad is not None
 
 
+def test_each_rank_takes_its_rows_of_the_teacher_codes_of_the_global_batch(monkeypatch):
+    """Two processes of 4 samples: the Sinkhorn problem is the one process's problem on the concatenated 8 samples, and
+    rank r's loss reads rows 4r..4r+3 of its codes."""
+    import models.codis as codis_module
+    _, model = tiny_models(sinkhorn_queue_samples=6)
+    model.queue_ptr[0] = 5
+    image, text = unit(8, 32, 21), unit(8, 32, 22)
+    one_process = model.teacher_codes(image, text)
+    assert one_process[2] == 0
+    local_image, local_text = image[4:], text[4:]
+    gathered = {id(local_image): image, id(local_text): text}
+    monkeypatch.setattr(codis_module, 'concat_all_gather', lambda x: gathered[id(x)])
+    monkeypatch.setattr(codis_module, '_rank', lambda: 1)
+    q_image, q_text, offset = model.teacher_codes(local_image, local_text)
+    assert offset == 4
+    assert torch.equal(q_image, one_process[0]) and torch.equal(q_text, one_process[1])
+    assert q_image.shape == (8, 8)
+
+
 def test_forward_is_deterministic_for_a_seed():
     _, first = tiny_models()
     second = copy.deepcopy(first)
