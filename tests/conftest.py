@@ -25,6 +25,7 @@ KINDS = ('unit', 'parity', 'e2e', 'learning')
 KIND_OF_FILE = {
     'test_bf16_curves.py': 'unit',
     'test_codis.py': 'unit',
+    'test_codis_learning.py': 'learning',
     'test_configs.py': 'unit',
     'test_data_datasets.py': 'unit',
     'test_data_image_io.py': 'unit',
@@ -95,6 +96,10 @@ def pytest_collection_modifyitems(config, items):
             doubled.append(f'{item.nodeid}: {", ".join(sorted(own))}')
         elif not own:
             item.add_marker(kind)
+    # tests reading runs of the background (BACKGROUND_FIXTURES) go last, so that those runs overlap with the rest
+    late = [item for item in items if BACKGROUND_FIXTURES & set(getattr(item, 'fixturenames', ()))]
+    if late:
+        items[:] = [item for item in items if item not in late] + late
     if unknown or doubled:
         lines = [f'{name} is not in KIND_OF_FILE of tests/conftest.py: add it with one of {", ".join(KINDS)}'
                  for name in sorted(unknown)]
@@ -120,11 +125,15 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def synthetic_deit(synthetic_root, tmp_path_factory):
-    """The DeiT stand-in of the synthetic recipe (python -m synthetic.deit), trained once per session."""
+def synthetic_deit(request, synthetic_root, tmp_path_factory):
+    """The DeiT stand-in of the synthetic recipe (python -m synthetic.deit), trained once per session; the background
+    runs that start from it are started as soon as it exists (when a selected test reads them)."""
     from synthetic.deit import DEFAULT_NAME
-    return make_deit(synthetic_root, tmp_path_factory.mktemp('synthetic_deit') / DEFAULT_NAME,
+    deit = make_deit(synthetic_root, tmp_path_factory.mktemp('synthetic_deit') / DEFAULT_NAME,
                      epochs=SYNTHETIC_DEIT_EPOCHS, threads=TINY_PRETRAIN_THREADS)
+    if request.config.stash.get(WANTS_CODIS_RUNS, False):
+        start_codis_runs(request.config, synthetic_root, deit, tmp_path_factory)
+    return deit
 
 
 @pytest.fixture(scope='session')
@@ -136,3 +145,34 @@ def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
     checkpoint = run_pretrain(root, out, deit=synthetic_deit, seed=42, val_file=f'{root}/retrieval_test.json',
                               threads=TINY_PRETRAIN_THREADS, **TINY_PRETRAIN_OPTS)
     return TinyPretrained(checkpoint, str(root), str(out))
+
+
+# ---- runs in the background: started early, read by tests ordered last ---------------------------------------------
+# tests/codis_runs.py: CODIS pretraining and fine-tuning from its checkpoint (tests/test_codis_learning.py). They start
+# when the DeiT stand-in is trained (the first learning test) and run in a subprocess beside the rest of the suite.
+BACKGROUND_FIXTURES = {'codis_runs'}
+WANTS_CODIS_RUNS = pytest.StashKey[bool]()
+CODIS_RUNS = pytest.StashKey[tuple]()
+
+
+def pytest_collection_finish(session):
+    session.config.stash[WANTS_CODIS_RUNS] = any('codis_runs' in getattr(item, 'fixturenames', ())
+                                                 for item in session.items)
+
+
+def start_codis_runs(config, root, deit, tmp_path_factory):
+    """Start the CODIS runs once per session (tests/codis_runs.py); killed at the end of the session if unfinished."""
+    if CODIS_RUNS not in config.stash:
+        from tests import codis_runs
+        runs, background = codis_runs.start(str(root), deit, tmp_path_factory.mktemp('codis_runs'))
+        config.add_cleanup(background.stop)
+        config.stash[CODIS_RUNS] = (runs, background)
+    return config.stash[CODIS_RUNS]
+
+
+@pytest.fixture(scope='session')
+def codis_runs(request, synthetic_root, synthetic_deit, tmp_path_factory):
+    """tests/codis_runs.py's output folders, once every run has ended (an AssertionError with the log if one failed)."""
+    runs, background = start_codis_runs(request.config, synthetic_root, synthetic_deit, tmp_path_factory)
+    background.wait()
+    return runs

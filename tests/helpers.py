@@ -7,6 +7,7 @@ and run an entry script, in this process or as a subprocess (plain or under torc
     run_pretrain(root, out, ...)                that run, in this process; returns out/checkpoint_last.pth
     run_main(script, argv)                      any entry script's main() in this process
     run_script(name, argv) / start_script(...)  a script or module in a subprocess: run to the end / started
+    BackgroundRun(commands, log)                several scripts one after another in the background; wait() joins
 
 The tests give every setting explicitly (seed, world scale, steps, epochs, ...): the learning margins they assert were
 measured with exactly those settings.
@@ -16,6 +17,7 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -126,3 +128,51 @@ def start_script(name, argv=(), log=None, nproc=None, launcher_args=(), threads=
     (an open file); returns the Popen without waiting."""
     return subprocess.Popen(script_command(name, argv, nproc, launcher_args), cwd=REPO, env=script_env(threads, env),
                             stdout=log, stderr=subprocess.STDOUT)
+
+
+class BackgroundRun:
+    """Scripts run one after another, each a subprocess, by a thread of this process that starts at once: a long run
+    the tests read only at the end of the session overlaps with the tests before (the machine has two cores and the
+    tests use one thread). `commands` is a list of (name, argv) as for script_command; every output goes to `log`.
+    wait() blocks until the last script has ended and raises AssertionError, with the log's tail, if one failed;
+    stop() kills what still runs (the session's clean-up)."""
+
+    def __init__(self, commands, log, threads=1, env=None):
+        self.commands, self.log, self.threads, self.env = list(commands), str(log), threads, env
+        self.error, self._proc, self._stopped = None, None, False
+        self._thread = threading.Thread(target=self._run, name='background-run', daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            with open(self.log, 'w') as log:
+                for name, argv in self.commands:
+                    if self._stopped:
+                        return
+                    log.write(f'$ {" ".join(script_command(name, argv))}\n')
+                    log.flush()
+                    self._proc = subprocess.Popen(script_command(name, argv), cwd=REPO,
+                                                  env=script_env(self.threads, self.env), stdout=log,
+                                                  stderr=subprocess.STDOUT)
+                    code = self._proc.wait()
+                    if code != 0:
+                        self.error = f'{name} exited with {code}'
+                        return
+        except Exception as exc:  # reported by wait()
+            self.error = f'{type(exc).__name__}: {exc}'
+
+    def wait(self, timeout=3600):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.stop()
+            raise AssertionError(f'background run still running after {timeout} s; log: {self.log}')
+        if self.error is not None:
+            with open(self.log, errors='replace') as f:
+                tail = f.read()[-4000:]
+            raise AssertionError(f'background run failed: {self.error}; last lines of {self.log}:\n{tail}')
+
+    def stop(self):
+        self._stopped = True
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
