@@ -13,6 +13,7 @@ import utils
 from dataset import create_loader
 from engine.tasks import pretrain_loader
 from evaluation.retrieval import extract_image_features, extract_text_features, itc_retrieval
+from models import registry
 from models.tokenization import build_tokenizer
 
 
@@ -60,6 +61,10 @@ def main(args):
     def step(m, batch, alpha):
         image, text = batch
         return step_outputs(m(image, text, alpha=alpha))
+
+    spec = registry.task_spec(config, 'pretrain')
+    if spec.make_step is not None:  # a family whose step needs more than its forward (SIMLA: the MIM targets)
+        step = spec.make_step(config, device)
 
     result = engine.fit(args, config, model, loader, step, evaluate_fn=evaluate, ramp_alpha=True,
                         train_sampler=sampler)

@@ -61,9 +61,33 @@ def _train_test_transforms(config):
     return train, build_transform("test", config["image_res"])
 
 
+def _simla_mim(config):
+    """The `mim:` block of a SIMLA pretraining config whose masked image modelling is on, else None. The pretraining
+    config is the one whose ViT has the mask token (`vit_mask_token: true`); text-assignment pretraining reads the
+    same pairs without MIM."""
+    if config.get("model") != "simla" or not config.get("vit_mask_token", False):
+        return None
+    mim = config.get("mim") or {}
+    return mim if mim.get("enabled", True) else None
+
+
+def _pretrain_transform(config):
+    """ALBEF's pretraining transform; for SIMLA with MIM on, the three views of dataset/simla_views.py (image,
+    tokenizer view, block-wise patch mask) instead, so the views and masks exist only when MIM needs them."""
+    mim = _simla_mim(config)
+    if mim is None:
+        return build_transform("pretrain", config["image_res"], config.get("crop_min_scale"), _fixes(config))
+    from dataset.simla_views import SimlaPretrainTransform
+    options = {key: mim[key] for key in ("tokenizer_res", "view", "num_masking_patches", "min_num_patches",
+                                         "max_num_patches", "min_aspect") if mim.get(key) is not None}
+    return SimlaPretrainTransform(config["image_res"], patch_size=(config.get("vit") or {}).get("patch_size", 16),
+                                  crop_min_scale=config.get("crop_min_scale"), randaugment_fixes=_fixes(config),
+                                  **options)
+
+
 def _pretrain_splits(config, skip: bool) -> DatasetSplits:
     """Pretraining (and TA pretraining) image-caption pairs: WebDataset shards when `train_shards` is set."""
-    transform = build_transform("pretrain", config["image_res"], config.get("crop_min_scale"), _fixes(config))
+    transform = _pretrain_transform(config)
     if config.get("train_shards"):
         train = ShardedPretrainDataset(
             config["train_shards"], transform, _require(config, "batch_size", "pretrain"),

@@ -33,7 +33,9 @@ class StepLog:
 
     def count(self, batch):
         """Add a batch to the throughput count (every rank's share); returns its local size."""
-        first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
+        first = batch
+        while isinstance(first, (list, tuple, dict)):  # the first tensor (SIMLA's image column is a list of views)
+            first = first[0] if isinstance(first, (list, tuple)) else next(iter(first.values()))
         n = int(first.shape[0])
         self.samples += n * utils.get_world_size()
         return n

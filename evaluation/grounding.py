@@ -20,7 +20,8 @@ ALPHA = 0.5  # area exponent of the official box score
 def cross_attention_of(model, block_num):
     """The BertSelfAttention of cross-attention layer `block_num` (a clear error for a text-only layer)."""
     bert = text_backbone(model)
-    fusion, total = bert.encoder.layer_range('fusion')
+    # ALBEF: the fusion layers; a shared stream (SIMLA): every layer has its cross-attention in multimodal mode
+    fusion, total = bert.encoder.layer_range('multimodal' if bert.encoder.shared_stream else 'fusion')
     if not fusion <= block_num < total:
         raise ValueError(f'itm Grad-CAM needs a cross-attention layer: block_num must be in [{fusion}, {total}) '
                          f'for this text encoder (fusion_layer {fusion}); got {block_num}. The official default 8 is '

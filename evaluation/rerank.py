@@ -10,7 +10,7 @@ Rows are split across ranks in the official contiguous blocks of floor(n / W) + 
 (zeros elsewhere) and the rows are then summed across ranks, which gathers them exactly (the official code sums
 -100 fills instead), so one and several processes give the same matrices.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,13 @@ class RetrievalFeatures(NamedTuple):
     text_feats: torch.Tensor    # [Nt, L, D]
     text_masks: torch.Tensor    # [Nt, L]
     text_embeds: torch.Tensor   # [Nt, E]
+    text_ids: Optional[torch.Tensor] = None  # [Nt, L], for a model whose fusion pass reads token ids (SIMLA)
+
+
+def fuses_from_ids(model):
+    """True for a model whose ITM pass runs from the caption's token ids (SIMLA's shared stream), not from its
+    text-mode states (ALBEF's fusion layers)."""
+    return bool(getattr(model, 'fuses_from_ids', False))
 
 
 @torch.no_grad()
@@ -39,7 +46,11 @@ def extract_features(model, image_loader, texts, tokenizer, device):
     """Encode every caption (fixed length 30, chunks of 256) and every image (loader order, no shuffle)."""
     text_feats, text_masks, text_embeds = extract_text_features(model, texts, tokenizer, device)
     image_feats, image_embeds = extract_image_features(model, image_loader, device)
-    return RetrievalFeatures(image_feats, image_embeds, text_feats, text_masks, text_embeds)
+    text_ids = None
+    if fuses_from_ids(model):  # the same tokenisation as extract_text_features
+        text_ids = tokenizer(list(texts), padding='max_length', truncation=True, max_length=text_feats.shape[1],
+                             return_tensors='pt').input_ids.to(device)
+    return RetrievalFeatures(image_feats, image_embeds, text_feats, text_masks, text_embeds, text_ids)
 
 
 def owned_rows(n, world_size, rank):
@@ -71,6 +82,7 @@ def _empty_scores(rows, cols, start, end, device):
 def rerank_reference(model, feats, sims, k_test, score='itm', world_size=1, rank=0, progress=False):
     """Official re-ranking: per image (then per text) one fusion pass over its k candidates; own rows only."""
     _check_rule(score)
+    text_in = feats.text_ids if fuses_from_ids(model) else feats.text_feats
     device = sims.device
     n_img, n_txt = sims.shape
     i2t = _empty_scores(n_img, n_txt, *owned_rows(n_img, world_size, rank), device)
@@ -80,7 +92,7 @@ def rerank_reference(model, feats, sims, k_test, score='itm', world_size=1, rank
         cand, cand_sim = top_idx[i - start], top_sim[i - start]
         k = cand.numel()
         image = feats.image_feats[i].repeat(k, 1, 1)
-        logit = model.itm_score(feats.text_feats[cand], feats.text_masks[cand], image).float()
+        logit = model.itm_score(text_in[cand], feats.text_masks[cand], image).float()
         i2t[i, cand] = logit + cand_sim if score == 'itm+itc' else logit
 
     t2i = _empty_scores(n_txt, n_img, *owned_rows(n_txt, world_size, rank), device)
@@ -89,7 +101,7 @@ def rerank_reference(model, feats, sims, k_test, score='itm', world_size=1, rank
     for t in tqdm(range(start, end), desc='t2i re-rank', disable=not progress):
         cand, cand_sim = top_idx[t - start], top_sim[t - start]
         k = cand.numel()
-        logit = model.itm_score(feats.text_feats[t].repeat(k, 1, 1), feats.text_masks[t].repeat(k, 1),
+        logit = model.itm_score(text_in[t].repeat(k, *[1] * (text_in.dim() - 1)), feats.text_masks[t].repeat(k, 1),
                                 feats.image_feats[cand]).float()
         t2i[t, cand] = logit + cand_sim if score == 'itm+itc' else logit
     return i2t, t2i
@@ -285,6 +297,8 @@ def evaluate_retrieval(model, image_loader, tokenizer, device, k_test, score='it
     sims = (feats.image_embeds @ feats.text_embeds.t()).float()
     world_size, rank = utils.get_world_size(), utils.get_rank()
     progress = progress and rank == 0
+    if method == 'fast' and fuses_from_ids(model):
+        method = 'reference'  # the fast re-ranker reuses text-mode states, which a pass from token ids does not read
     if method == 'fast':
         i2t, t2i = rerank_fast(model, feats, sims, k_test, score, world_size, rank, pair_batch, progress=progress)
     elif method == 'reference':

@@ -170,6 +170,7 @@ def load_deit(visual_encoder, path):
     sd.pop('head.bias', None)
     sd['pos_embed'] = interpolate_pos_embed(sd['pos_embed'], visual_encoder)
     missing, unexpected = visual_encoder.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != 'mask_token']  # SIMLA's pretraining ViT: not in DeiT, starts at zero
     if missing:
         raise CheckpointError(f'{path} does not fit the ViT: missing {missing[:5]}')
     return unexpected

@@ -425,6 +425,18 @@ def mim_loss(logits, codes, soft_targets=None, alpha=0.0):
     return (1 - alpha) * loss + alpha * distill
 
 
+@torch.no_grad()
+def mim_accuracy(logits, codes):
+    """(accuracy of the argmax code over the M masked patches, the share of the most frequent code among them: the
+    accuracy of always answering that code); (nan, nan) when nothing is masked. Monitoring, not optimised."""
+    if codes.numel() == 0:
+        nan = torch.tensor(float('nan'), device=codes.device)
+        return nan, nan
+    accuracy = (logits.argmax(-1) == codes).float().mean()
+    majority = torch.bincount(codes).max().float() / codes.numel()
+    return accuracy, majority
+
+
 def _order_desc(primary, secondary=None):
     """Positions [B, L] sorted by `primary` descending, ties by `secondary` descending, then by smaller position."""
     if secondary is None:

@@ -24,10 +24,14 @@ class TaskSpec:
         file (pretraining weights converted to the task's layout, or a checkpoint of the task itself).
     optimizer_groups: None (the project's AdamW groups) or `(model, config) -> parameter groups` for a family
         with its own.
+    make_step: None (the script's own step) or `(config, device) -> step(model, batch, alpha) -> {name: tensor}` for
+        a family whose training step needs more than its model's forward on the batch (SIMLA pretraining: the
+        frozen visual tokenizer's MIM targets). Built once per run; what it holds stays out of the state dict.
     """
     model_class: type
     load_checkpoint: Callable
     optimizer_groups: Optional[Callable] = None
+    make_step: Optional[Callable] = None
 
     def build(self, config, **kwargs):
         """`model_class(config=config, **kwargs)` (kwargs: text_encoder, tokenizer, init_deit, ...)."""
@@ -146,11 +150,11 @@ def _simla_tasks():
     from .simla import checkpoint as simla_ckpt
     from .simla import nlvr, pretrain, pretrain_nlvr, retrieval, ve, vqa
 
-    def spec(model_class, loader):
-        return TaskSpec(model_class, simla_ckpt.refusing('simla', loader))
+    def spec(model_class, loader, **hooks):
+        return TaskSpec(model_class, simla_ckpt.refusing('simla', loader), **hooks)
 
     retrieval_spec = spec(retrieval.SIMLA, simla_ckpt.load_retrieval)
-    return {'pretrain': spec(pretrain.SIMLA, simla_ckpt.load_pretrain),
+    return {'pretrain': spec(pretrain.SIMLA, simla_ckpt.load_pretrain, make_step=pretrain.make_pretrain_step),
             'retrieval': retrieval_spec,
             'grounding': retrieval_spec,
             'vqa': spec(vqa.SIMLA, simla_ckpt.load_vqa),
@@ -162,7 +166,7 @@ def _simla_tasks():
 def _albef_refusing_simla():
     """The ALBEF family's rules, each first refusing a SIMLA checkpoint (the ALBEF path is otherwise unchanged)."""
     from .simla.checkpoint import refusing
-    return {task: TaskSpec(s.model_class, refusing('albef', s.load_checkpoint), s.optimizer_groups)
+    return {task: TaskSpec(s.model_class, refusing('albef', s.load_checkpoint), s.optimizer_groups, s.make_step)
             for task, s in _FAMILIES['albef'].items()}
 
 

@@ -211,3 +211,28 @@ def test_create_dataset_names_missing_keys_and_unknown_tasks(tmp_path):
         create_dataset("re", config)
     with pytest.raises(ValueError, match="unknown task"):
         create_dataset("captioning", {"image_res": 16})
+
+
+def test_simla_pretraining_gets_its_views_and_masks_only_when_mim_is_on(tmp_path):
+    """SIMLA pretraining with MIM on: every item's image column is (ViT view, tokenizer view, patch mask), and the collated batch
+    stacks each; ALBEF, and SIMLA with mim.enabled false, keep the plain pretraining image."""
+    from dataset import build_collate_fn
+    from models.tokenization import build_tokenizer
+    image = _image(tmp_path / "p.png")
+    ann = _json(tmp_path / "p.json", [{"image": str(image), "caption": "a red square"}] * 2)
+    base = {"train_file": [ann], "image_res": 32, "vit": {"patch_size": 8}}
+    mim = {"tokenizer": "color_quant", "color_levels": 2, "tokenizer_res": 16, "num_masking_patches": 5,
+           "min_num_patches": 2}
+    simla = {**base, "model": "simla", "vit_mask_token": True, "mim": mim}
+    views, caption = create_dataset("pretrain", simla).train[0]
+    picture, tok_view, mask = views
+    assert caption == "a red square" and picture.shape == (3, 32, 32) and tok_view.shape == (3, 16, 16)
+    assert mask.dtype == torch.bool and mask.shape == (16,) and 2 <= int(mask.sum()) <= 5
+    assert 0.1 - 1e-6 <= float(tok_view.min()) and float(tok_view.max()) <= 0.9 + 1e-6  # DALL-E's map_pixels
+    dataset = create_dataset("pretrain", simla).train
+    collated = build_collate_fn("pretrain", build_tokenizer("none"))([dataset[0], dataset[1]])
+    assert [tuple(t.shape) for t in collated[0]] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 16)]
+    # ALBEF; SIMLA with MIM off; SIMLA's text-assignment pretraining (no mask token, no MIM)
+    for config in (base, {**simla, "mim": {**mim, "enabled": False}}, {**simla, "vit_mask_token": False}):
+        plain, _ = create_dataset("pretrain", config).train[0]
+        assert torch.is_tensor(plain) and plain.shape == (3, 32, 32)

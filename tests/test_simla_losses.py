@@ -269,3 +269,12 @@ def test_random_dvae_is_seeded_and_leaves_the_global_rng_alone():
     codes = a.encode(view)
     assert codes.shape == (2, 2, 2) and codes.dtype == torch.long and int(codes.max()) < 32
     assert torch.equal(codes, b.encode(view))
+
+
+def test_mim_accuracy_and_the_most_frequent_code_baseline():
+    from models.losses import mim_accuracy
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    accuracy, majority = mim_accuracy(logits, torch.tensor([0, 1, 1, 1]))
+    assert float(accuracy) == 0.5 and float(majority) == 0.75
+    empty = mim_accuracy(logits[:0], torch.zeros(0, dtype=torch.long))
+    assert all(torch.isnan(v) for v in empty)

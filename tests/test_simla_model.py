@@ -123,3 +123,51 @@ def test_mim_targets_from_the_tokenizer_view():
     assert torch.isfinite(losses[3])
     with pytest.raises(ValueError, match='tokenizer grid'):
         SIMLA.mim_targets(tokenizer, view, torch.zeros(4, 9, dtype=torch.bool))
+
+
+def test_pretraining_step_makes_the_mim_targets_and_names_the_five_losses():
+    """Pretrain.py's SIMLA step (the TaskSpec's make_step): the tokenizer view and patch mask of the batch become the
+    MIM inputs of the forward; the losses are named as train_steps.jsonl logs them; with mim.enabled false the batch
+    is ALBEF's (image, text) and loss_mim is left out."""
+    from models import registry
+    from models.simla.pretrain import make_pretrain_step
+    from models.simla.visual_tokenizer import ColorQuantTokenizer
+    config = {**copy.deepcopy(CONFIG), 'model': 'simla',
+              'mim': {'vocab_size': 8, 'tokenizer': 'color_quant', 'color_levels': 2}}
+    spec = registry.task_spec(config, 'pretrain')
+    assert spec.make_step is make_pretrain_step
+    assert registry.task_spec({'model': 'albef'}, 'pretrain').make_step is None
+    image, text, patch_mask, _ = batch()
+    view = torch.rand(4, 3, 8, 8)
+    model = make(mim={'tokenizer': 'color_quant', 'color_levels': 2}).train()
+    twin = copy.deepcopy(model)  # a forward moves the queues and the momentum encoders
+    step = spec.make_step(config, 'cpu')
+    torch.manual_seed(5)
+    out = step(model, ((image, view, patch_mask), text), 0.4)
+    assert list(out) == ['loss_mlm', 'loss_ita', 'loss_itm', 'loss_mim', 'loss_psl', 'mim_accuracy', 'mim_majority']
+    assert 0 <= float(out['mim_accuracy']) <= 1 and 1 / 5 <= float(out['mim_majority']) <= 1  # 5 masked patches
+    codes, mask, labels = SIMLA.mim_targets(ColorQuantTokenizer(grid=2, levels=2), view, patch_mask)
+    torch.manual_seed(5)
+    expected = twin(image, text, codes, mask, labels, alpha=0.4)
+    assert all(torch.equal(out[name], loss) for name, loss in zip(out, expected))  # the five losses
+    off = {**config, 'mim': {**config['mim'], 'enabled': False}}
+    out = make_pretrain_step(off, 'cpu')(make(mim={'enabled': False}).train(), (image, text), 0.4)
+    assert list(out) == ['loss_mlm', 'loss_ita', 'loss_itm', 'loss_psl']
+
+
+def test_deit_initialisation_leaves_the_mask_token_at_zero_and_still_names_other_missing_keys(tmp_path):
+    """SIMLA's pretraining ViT loads a DeiT file (which has no mask token): the token stays zero; any other missing
+    key is still an error naming the file."""
+    from models.checkpoint import CheckpointError, load_deit
+    model = make()
+    vit = model.visual_encoder
+    deit = {k: v for k, v in vit.state_dict().items() if k != 'mask_token'}
+    torch.save({'model': deit}, tmp_path / 'deit.pth')
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+    load_deit(vit, str(tmp_path / 'deit.pth'))
+    assert torch.equal(vit.pos_embed, deit['pos_embed']) and not vit.mask_token.any()
+    del deit['cls_token']
+    torch.save({'model': deit}, tmp_path / 'short.pth')
+    with pytest.raises(CheckpointError, match=r'short\.pth does not fit the ViT: missing \[.cls_token.\]'):
+        load_deit(vit, str(tmp_path / 'short.pth'))

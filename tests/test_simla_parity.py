@@ -250,6 +250,36 @@ def test_retrieval_forward_queues_and_evaluation_scores():
     check_posts(m, o, 'post_')  # idx_queue stays -100: the release never enqueues idx
 
 
+class _EvalLoader:
+    """The evaluation images in loader batches, and the dataset's captions (their row numbers, as text)."""
+
+    def __init__(self, images, batch_size, n_text):
+        self.batches = [(x, None) for x in torch.split(images, batch_size)]
+        self.dataset = types.SimpleNamespace(text=[str(n) for n in range(n_text)])
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize('method', ['reference', 'fast'])
+def test_retrieval_evaluation_re_ranks_every_candidate_from_its_ids(method):
+    """evaluation/rerank.py on a SIMLA model gives the release's score matrices: each top-k candidate scored by a full
+    multimodal pass from its token ids (the fast re-ranker, built on ALBEF's text-mode states, defers to that path)."""
+    from evaluation.rerank import evaluate_retrieval
+    ref = load('retrieval')
+    i, o = ref['inputs'], ref['outputs']
+    m = build('retrieval').eval()
+
+    def tokenizer(texts, **kwargs):
+        rows = [int(t) for t in texts]
+        return types.SimpleNamespace(input_ids=i['eval_input_ids'][rows], attention_mask=i['eval_attention_mask'][rows])
+
+    loader = _EvalLoader(i['eval_images'], i['eval_image_batch_size'], i['eval_input_ids'].shape[0])
+    i2t, t2i = evaluate_retrieval(m, loader, tokenizer, 'cpu', i['k_test'], method=method, progress=False)
+    close(i2t, o['score_matrix_i2t'])
+    close(t2i, o['score_matrix_t2i'])
+
+
 # ---- VQA, NLVR2, SNLI-VE, TA ---------------------------------------------------------------------------------------
 def test_vqa_decoder_ranking_and_loss():
     ref = load('vqa')

@@ -38,6 +38,8 @@ class SimlaMixin:
     sampling, batch order, labels) is reused unchanged with the ids in place of the states.
     """
 
+    fuses_from_ids = True  # evaluation/rerank.py: the re-ranking pass reads token ids, not text-mode states
+
     def text_config(self, config):
         """The BertConfig of the text encoder: `bert_config` (plus the optional `bert:` block)."""
         from ..albef import build_text_config

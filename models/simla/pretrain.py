@@ -161,6 +161,7 @@ class SIMLA(SimlaMixin, AlbefPretrain):
             soft = F.softmax(logits_m.float(), dim=-1)
         logits = self.image_query_logits(image, mask, text, self.caption_context(text), self.visual_encoder,
                                          self.text_bert, self.mim_head)
+        self.mim_monitoring = dict(zip(('mim_accuracy', 'mim_majority'), losses.mim_accuracy(logits, labels)))
         return losses.mim_loss(logits, labels, soft, alpha)
 
     def psl_forward(self, text, image_embeds, image_embeds_m, alpha):
@@ -183,3 +184,35 @@ class SIMLA(SimlaMixin, AlbefPretrain):
         # the online ITC image embedding (as itc_forward computed it; the gradient reaches the ViT and vision_proj)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         return losses.psl_loss(self.concept_head(image_feat), hard, soft, alpha)
+
+
+LOSS_NAMES = ('loss_mlm', 'loss_ita', 'loss_itm', 'loss_mim', 'loss_psl')  # the order of SIMLA.forward's tuple
+
+
+def make_pretrain_step(config, device):
+    """Pretrain.py's step for SIMLA (registered as the pretraining TaskSpec's `make_step`): with MIM on, the batch's
+    image column is (image, tokenizer view, patch mask) (dataset/simla_views.py); the frozen visual tokenizer of
+    `mim.tokenizer`, built once here and never part of the model's state dict, turns the view and mask into the MIM
+    inputs under no-grad, then the model's forward gives the five losses, named as train_steps.jsonl logs them
+    (a switched-off objective is left out), with the MIM accuracy on the masked patches (`mim_accuracy`) beside the
+    share of the batch's most frequent code among them (`mim_majority`, what always answering it would score)."""
+    from .visual_tokenizer import build_visual_tokenizer
+    visual_tokenizer = None
+    if mim_options(config)['enabled']:
+        visual_tokenizer = build_visual_tokenizer(config)
+        if hasattr(visual_tokenizer, 'to'):
+            visual_tokenizer = visual_tokenizer.to(device)
+
+    def step(model, batch, alpha):
+        image, text = batch
+        if visual_tokenizer is None:
+            out = model(image, text, alpha=alpha)
+        else:
+            image, tok_view, patch_mask = image
+            ids, positions, labels = SIMLA.mim_targets(visual_tokenizer, tok_view, patch_mask)
+            out = model(image, text, ids, positions, labels, alpha=alpha)
+        logged = {name: loss for name, loss in zip(LOSS_NAMES, out) if loss is not None}
+        if 'loss_mim' in logged:  # masked-patch accuracy beside always answering the batch's most frequent code
+            logged.update(getattr(model, 'module', model).mim_monitoring)
+        return logged
+    return step
