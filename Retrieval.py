@@ -13,7 +13,7 @@ from evaluation.rerank import evaluate_retrieval
 from evaluation.retrieval import itm_eval
 from models.tokenization import build_tokenizer
 
-SELECT_KEY = 'val_r_mean'
+SELECT_KEY = 'val_r_mean'  # the split whose R-mean picks the reported epoch; `select_on: test` (SIMLA release, Flickr)
 
 
 def build_loaders(config, tokenizer, args, splits):
@@ -50,8 +50,14 @@ def write_metrics(args, config, metrics, epoch, selected_by=None):
     engine.write_metrics(args, config, 'retrieval', metrics, epoch=epoch, selected_by=selected_by,
                          image_res=config['image_res'], k_test=config['k_test'], rerank_score=config['rerank_score'],
                          rerank_method=config.get('rerank_method', 'fast'),
+                         **({'coco_split': config['coco_split']} if config.get('coco_split') else {}),
                          val={k[4:]: v for k, v in metrics.items() if k.startswith('val_')},
                          test={k[5:]: v for k, v in metrics.items() if k.startswith('test_')})
+
+
+def select_key_of(config):
+    """`val_r_mean` (default), or `test_r_mean` with `select_on: test` (the SIMLA release's Flickr selection)."""
+    return f"{config.get('select_on') or 'val'}_r_mean"
 
 
 def main(args):
@@ -65,11 +71,12 @@ def main(args):
                                     with_momentum=not args.evaluate).to(device)
     evaluate = make_evaluate(config, tokenizer, device, {'val': val_loader, 'test': test_loader})
 
+    select_key = select_key_of(config)
     train_or_evaluate(args, model, evaluate,
-                      lambda: fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, SELECT_KEY,
+                      lambda: fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, select_key,
                                                   config['batch_size_train']),
                       lambda metrics, epoch, selected_by: write_metrics(args, config, metrics, epoch, selected_by),
-                      select_key=SELECT_KEY)
+                      select_key=select_key)
     engine.destroy()
 
 

@@ -34,8 +34,10 @@ def probe(model, tokenizer, images, captions, mask_fraction=0.3, seed=0):
         image_embeds = model.visual_encoder(images)
         text_embeds = model.text_bert(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                       mode='text').last_hidden_state
-        match = model.itm_score(text_embeds, text.attention_mask, image_embeds)
-        mismatch = model.itm_score(text_embeds, text.attention_mask, image_embeds[other])
+        # a shared stream (SIMLA) fuses from the token ids, ALBEF's fusion layers from the text-mode states
+        text_in = text.input_ids if getattr(model, 'fuses_from_ids', False) else text_embeds
+        match = model.itm_score(text_in, text.attention_mask, image_embeds)
+        mismatch = model.itm_score(text_in, text.attention_mask, image_embeds[other])
         ids = text.input_ids.clone()
         special = (ids == tokenizer.pad_token_id) | (ids == tokenizer.cls_token_id)
         masked = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < mask_fraction) & ~special

@@ -45,8 +45,9 @@ def fine_tune_argv(config, checkpoint, out, steps, **keys):
                   **keys)]
 
 
-def start(root, deit, work):
-    """Start the runs under `work` (a directory); returns (CodisRuns of their output folders, BackgroundRun)."""
+def start(root, deit, work, after=None):
+    """Start the runs under `work` (a directory), after the BackgroundRun `after` if given;
+    returns (CodisRuns of their output folders, BackgroundRun)."""
     work = str(work)
     runs = CodisRuns(str(root), *(os.path.join(work, name) for name in ('pretrain', 'zero_shot', 'retrieval', 'vqa')),
                      os.path.join(work, 'runs.log'))
@@ -68,4 +69,4 @@ def start(root, deit, work):
                                         FINE_TUNE_STEPS['retrieval'], **retrieval_data)),
         ('VQA.py', fine_tune_argv('VQA_synthetic.yaml', checkpoint, runs.vqa, FINE_TUNE_STEPS['vqa'], **vqa_data)),
     ]
-    return runs, BackgroundRun(commands, runs.log)
+    return runs, BackgroundRun(commands, runs.log, after=after)

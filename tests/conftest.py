@@ -59,6 +59,7 @@ KIND_OF_FILE = {
     'test_shards.py': 'unit',
     'test_simla_checkpoint.py': 'parity',
     'test_simla_configs.py': 'unit',
+    'test_simla_learning.py': 'learning',
     'test_simla_losses.py': 'unit',
     'test_simla_model.py': 'unit',
     'test_simla_parity.py': 'parity',
@@ -96,10 +97,14 @@ def pytest_collection_modifyitems(config, items):
             doubled.append(f'{item.nodeid}: {", ".join(sorted(own))}')
         elif not own:
             item.add_marker(kind)
-    # tests reading runs of the background (BACKGROUND_FIXTURES) go last, so that those runs overlap with the rest
-    late = [item for item in items if BACKGROUND_FIXTURES & set(getattr(item, 'fixturenames', ()))]
-    if late:
-        items[:] = [item for item in items if item not in late] + late
+    # the background runs (BACKGROUND below) start when the DeiT stand-in is trained: the tests that train it go
+    # first, the tests reading those runs last, so that the runs overlap with everything in between
+    def uses(item, names):
+        return bool(set(names) & set(getattr(item, 'fixturenames', ())))
+    late = [item for item in items if uses(item, BACKGROUND_FIXTURES)]
+    early = [item for item in items if item not in late and uses(item, ('synthetic_deit',))]
+    if late or early:
+        items[:] = early + [item for item in items if item not in late and item not in early] + late
     if unknown or doubled:
         lines = [f'{name} is not in KIND_OF_FILE of tests/conftest.py: add it with one of {", ".join(KINDS)}'
                  for name in sorted(unknown)]
@@ -131,8 +136,8 @@ def synthetic_deit(request, synthetic_root, tmp_path_factory):
     from synthetic.deit import DEFAULT_NAME
     deit = make_deit(synthetic_root, tmp_path_factory.mktemp('synthetic_deit') / DEFAULT_NAME,
                      epochs=SYNTHETIC_DEIT_EPOCHS, threads=TINY_PRETRAIN_THREADS)
-    if request.config.stash.get(WANTS_CODIS_RUNS, False):
-        start_codis_runs(request.config, synthetic_root, deit, tmp_path_factory)
+    start_background_runs(request.config, request.config.stash.get(WANTED_RUNS, []), synthetic_root, deit,
+                          tmp_path_factory)
     return deit
 
 
@@ -148,31 +153,48 @@ def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
 
 
 # ---- runs in the background: started early, read by tests ordered last ---------------------------------------------
-# tests/codis_runs.py: CODIS pretraining and fine-tuning from its checkpoint (tests/test_codis_learning.py). They start
-# when the DeiT stand-in is trained (the first learning test) and run in a subprocess beside the rest of the suite.
-BACKGROUND_FIXTURES = {'codis_runs'}
-WANTS_CODIS_RUNS = pytest.StashKey[bool]()
-CODIS_RUNS = pytest.StashKey[tuple]()
+# Each module of BACKGROUND (fixture name -> module) has `start(root, deit, work) -> (runs, BackgroundRun)`: the CODIS
+# and SIMLA learning runs (tests/codis_runs.py, tests/simla_runs.py), started one after the other in a thread of this
+# process as soon as the DeiT stand-in is trained (the first learning test), so that on two cores they run beside the
+# rest of the suite; the fixture of the same name waits for its runs and returns their output folders.
+BACKGROUND = {'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs'}
+BACKGROUND_FIXTURES = set(BACKGROUND)
+WANTED_RUNS = pytest.StashKey[list]()
+STARTED_RUNS = pytest.StashKey[dict]()
 
 
 def pytest_collection_finish(session):
-    session.config.stash[WANTS_CODIS_RUNS] = any('codis_runs' in getattr(item, 'fixturenames', ())
-                                                 for item in session.items)
+    used = set()
+    for item in session.items:
+        used |= BACKGROUND_FIXTURES & set(getattr(item, 'fixturenames', ()))
+    session.config.stash[WANTED_RUNS] = [name for name in BACKGROUND if name in used]
 
 
-def start_codis_runs(config, root, deit, tmp_path_factory):
-    """Start the CODIS runs once per session (tests/codis_runs.py); killed at the end of the session if unfinished."""
-    if CODIS_RUNS not in config.stash:
-        from tests import codis_runs
-        runs, background = codis_runs.start(str(root), deit, tmp_path_factory.mktemp('codis_runs'))
-        config.add_cleanup(background.stop)
-        config.stash[CODIS_RUNS] = (runs, background)
-    return config.stash[CODIS_RUNS]
+def start_background_runs(config, names, root, deit, tmp_path_factory):
+    """Start the runs of `names` not started yet, each after the previous one ends; killed at the session's end."""
+    import importlib
+    started = config.stash.setdefault(STARTED_RUNS, {})
+    for name in names:
+        if name not in started:
+            previous = list(started.values())[-1][1] if started else None
+            runs, background = importlib.import_module(BACKGROUND[name]).start(
+                str(root), deit, tmp_path_factory.mktemp(name), after=previous)
+            config.add_cleanup(background.stop)
+            started[name] = (runs, background)
+    return [started[name] for name in names]
 
 
-@pytest.fixture(scope='session')
-def codis_runs(request, synthetic_root, synthetic_deit, tmp_path_factory):
-    """tests/codis_runs.py's output folders, once every run has ended (an AssertionError with the log if one failed)."""
-    runs, background = start_codis_runs(request.config, synthetic_root, synthetic_deit, tmp_path_factory)
-    background.wait()
-    return runs
+def _background_fixture(name):
+    @pytest.fixture(scope='session', name=name)
+    def fixture(request, synthetic_root, synthetic_deit, tmp_path_factory):
+        (runs, background), = start_background_runs(request.config, [name], synthetic_root, synthetic_deit,
+                                                    tmp_path_factory)
+        background.wait()
+        return runs
+    fixture.__doc__ = (f"{BACKGROUND[name]}'s output folders, once its runs have ended (an AssertionError with "
+                       f"the log if one failed).")
+    return fixture
+
+
+codis_runs = _background_fixture('codis_runs')
+simla_runs = _background_fixture('simla_runs')

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -133,17 +134,21 @@ def start_script(name, argv=(), log=None, nproc=None, launcher_args=(), threads=
 class BackgroundRun:
     """Scripts run one after another, each a subprocess, by a thread of this process that starts at once: a long run
     the tests read only at the end of the session overlaps with the tests before (the machine has two cores and the
-    tests use one thread). `commands` is a list of (name, argv) as for script_command; every output goes to `log`.
+    tests use one thread). `commands` is a list of (name, argv) as for script_command; every output goes to `log`;
+    `after`: a BackgroundRun whose end this one waits for before its first command.
     wait() blocks until the last script has ended and raises AssertionError, with the log's tail, if one failed;
     stop() kills what still runs (the session's clean-up)."""
 
-    def __init__(self, commands, log, threads=1, env=None):
+    def __init__(self, commands, log, threads=1, env=None, after=None):
         self.commands, self.log, self.threads, self.env = list(commands), str(log), threads, env
+        self.after = after  # another BackgroundRun to let finish first (one run at a time beside the tests)
         self.error, self._proc, self._stopped = None, None, False
         self._thread = threading.Thread(target=self._run, name='background-run', daemon=True)
         self._thread.start()
 
     def _run(self):
+        if self.after is not None:
+            self.after._thread.join()
         try:
             with open(self.log, 'w') as log:
                 for name, argv in self.commands:
@@ -154,7 +159,10 @@ class BackgroundRun:
                     self._proc = subprocess.Popen(script_command(name, argv), cwd=REPO,
                                                   env=script_env(self.threads, self.env), stdout=log,
                                                   stderr=subprocess.STDOUT)
+                    started = time.time()
                     code = self._proc.wait()
+                    log.write(f'# {name} exited with {code} after {time.time() - started:.1f} s\n')
+                    log.flush()
                     if code != 0:
                         self.error = f'{name} exited with {code}'
                         return

@@ -66,3 +66,18 @@ def test_release_behaviour_flags():
     assert vqa['vqa_decoder_distill'] == 'off' and vqa['mlm_distill_softmax_dim'] == 'seq'
     assert load('NLVR')['batch_size'] == 8 and load('NLVR')['bert'] == {'num_hidden_layers': 18, 'fusion_layer': 0}
     assert importlib.import_module('models.simla.retrieval').SIMLA.negative_eps == 0.0
+
+
+def test_retrieval_reads_select_on_and_records_coco_split(tmp_path):
+    """`select_on: test` (the release's Flickr selection) picks the reported epoch by test R-mean; `coco_split` is
+    written beside every COCO number in metrics.json (SIMLA.md section 12)."""
+    import argparse
+    import json
+    import Retrieval
+    assert Retrieval.select_key_of({}) == 'val_r_mean' == Retrieval.select_key_of(load('Retrieval_flickr'))
+    assert Retrieval.select_key_of({'select_on': 'test'}) == 'test_r_mean'
+    args = argparse.Namespace(config='c.yaml', checkpoint='', evaluate=True, resume=None, output_dir=str(tmp_path))
+    config = load('Retrieval_coco')
+    Retrieval.write_metrics(args, config, {'test_r_mean': 1.0}, 0)
+    with open(tmp_path / 'metrics.json') as f:
+        assert json.load(f)['coco_split'] == 'karpathy'

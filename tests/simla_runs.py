@@ -1,0 +1,82 @@
+"""The runs that tests/test_simla_learning.py reads: SIMLA pretraining on the synthetic world through Pretrain.py
+(configs/simla/Pretrain_synthetic.yaml: shared stream, color_quant MIM, PSL), then every downstream script from its
+checkpoint with the SIMLA synthetic configs: Retrieval.py, VQA.py, VE.py, Grounding.py,
+and Pretrain_nlvr.py (text assignment) followed by NLVR.py from the TA checkpoint.
+
+Started in the background by tests/conftest.py (like tests/codis_runs.py) as soon as the DeiT stand-in exists; every
+setting is here, and the margins of the tests were measured with exactly these.
+"""
+import collections
+import json
+import os
+
+from tests.helpers import REPO, BackgroundRun, opts, pretrain_argv
+
+CONFIGS = os.path.join(REPO, 'configs', 'simla')
+SEED = 42
+PRETRAIN_OPTS = {'num_workers': 1, 'log_every': 5, 'max_steps_per_epoch': 30, 'schedular.epochs': 2,
+                 'warmup_step_size': 5}
+# steps of each task: enough for VQA's loss to fall; retrieval, SNLI-VE, grounding and NLVR2 (whose learning needs
+# more than the CI budget from a 60-step checkpoint) run end to end through SIMLA's loading, training and evaluation
+STEPS = {'retrieval': 10, 'vqa': 30, 've': 10, 'grounding': 5, 'ta': 10, 'nlvr': 10}
+HELD_OUT_IMAGES = 50   # retrieval: the first pictures of retrieval_test.json
+HELD_OUT_ITEMS = 96    # VQA questions, SNLI-VE and NLVR2 items of each held-out split
+
+SimlaRuns = collections.namedtuple('SimlaRuns', 'root pretrain retrieval vqa ve grounding ta nlvr log')
+
+
+def slice_file(source, target, n_images=None, n_items=None):
+    """The entries of the first n_images pictures, or the first n_items entries, of a json list; returns target."""
+    with open(source) as f:
+        items = json.load(f)
+    if n_images is not None:
+        keep = set(list(dict.fromkeys(item['image'] for item in items))[:n_images])
+        items = [item for item in items if item['image'] in keep]
+    if n_items is not None:
+        items = items[:n_items]
+    with open(target, 'w') as f:
+        json.dump(items, f)
+    return str(target)
+
+
+def task_argv(config, checkpoint, out, steps, **keys):
+    """A downstream script on the SIMLA synthetic config `config`, from `checkpoint`, for `steps` steps."""
+    return ['--config', os.path.join(CONFIGS, config), '--output_dir', str(out), '--text_encoder', 'none',
+            '--device', 'cpu', '--seed', '0', '--checkpoint', checkpoint,
+            *opts(num_workers=0, max_steps_per_epoch=steps, log_every=5, **{'schedular.epochs': 1}, **keys)]
+
+
+def start(root, deit, work, after=None):
+    """Start the runs under `work`, after the BackgroundRun `after` if given;
+    returns (SimlaRuns of their output folders, BackgroundRun)."""
+    root, work = str(root), str(work)
+    runs = SimlaRuns(root, *(os.path.join(work, name) for name in SimlaRuns._fields[1:-1]),
+                     os.path.join(work, 'runs.log'))
+    checkpoint = os.path.join(runs.pretrain, 'checkpoint_last.pth')
+    held = lambda name, **n: slice_file(os.path.join(root, f'{name}.json'), os.path.join(work, f'{name}.json'), **n)
+    retrieval_test = held('retrieval_test', n_images=HELD_OUT_IMAGES)
+    retrieval = {'train_file': f'[{root}/retrieval_train.json]', 'val_file': retrieval_test,
+                 'test_file': retrieval_test, 'image_root': root}
+    vqa = {'train_file': f'[{root}/vqa_train.json]', 'test_file': f"[{held('vqa_test', n_items=HELD_OUT_ITEMS)}]",
+           'answer_list': f'{root}/answer_list.json', 'vqa_root': root, 'vg_root': root}
+    ve = {'train_file': f'{root}/ve_train.json', 'val_file': held('ve_dev', n_items=HELD_OUT_ITEMS),
+          'test_file': held('ve_test', n_items=HELD_OUT_ITEMS), 'image_root': root}
+    grounding = {'train_file': f'[{root}/grounding_train.json]',
+                 'test_file': f'[{root}/grounding_val.json,{root}/grounding_test.json]', 'image_root': root}
+    ta = {'train_file': f'[{root}/pretrain.json]', 'image_root': root}
+    nlvr = {'train_file': f'[{root}/nlvr_train.json]', 'val_file': f"[{held('nlvr_dev', n_items=HELD_OUT_ITEMS)}]",
+            'test_file': f"[{held('nlvr_test', n_items=HELD_OUT_ITEMS)}]", 'image_root': root}
+    commands = [
+        ('Pretrain.py', pretrain_argv(root, runs.pretrain, deit, seed=SEED,
+                                      config=os.path.join(CONFIGS, 'Pretrain_synthetic.yaml'), **PRETRAIN_OPTS)),
+        ('Retrieval.py', task_argv('Retrieval_synthetic.yaml', checkpoint, runs.retrieval, STEPS['retrieval'],
+                                   **retrieval)),
+        ('VQA.py', task_argv('VQA_synthetic.yaml', checkpoint, runs.vqa, STEPS['vqa'], **vqa)),
+        ('VE.py', task_argv('VE_synthetic.yaml', checkpoint, runs.ve, STEPS['ve'], **ve)),
+        ('Grounding.py', task_argv('Grounding_synthetic.yaml', checkpoint, runs.grounding, STEPS['grounding'],
+                                   **grounding)),
+        ('Pretrain_nlvr.py', task_argv('NLVR_pretrain_synthetic.yaml', checkpoint, runs.ta, STEPS['ta'], **ta)),
+        ('NLVR.py', task_argv('NLVR_synthetic.yaml', os.path.join(runs.ta, 'checkpoint_last.pth'), runs.nlvr,
+                              STEPS['nlvr'], **nlvr)),
+    ]
+    return runs, BackgroundRun(commands, runs.log, after=after)
