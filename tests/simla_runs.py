@@ -19,7 +19,7 @@ PRETRAIN_OPTS = {'num_workers': 1, 'log_every': 5, 'max_steps_per_epoch': 30, 's
 # steps of each task: enough for VQA's loss to fall; retrieval, SNLI-VE, grounding and NLVR2 (whose learning needs
 # more than the CI budget from a 60-step checkpoint) run end to end through SIMLA's loading, training and evaluation
 STEPS = {'retrieval': 10, 'vqa': 30, 've': 10, 'grounding': 5, 'ta': 10, 'nlvr': 10}
-HELD_OUT_IMAGES = 50   # retrieval: the first pictures of retrieval_test.json
+HELD_OUT_IMAGES = 30   # retrieval: the first pictures of retrieval_test.json
 HELD_OUT_ITEMS = 96    # VQA questions, SNLI-VE and NLVR2 items of each held-out split
 
 SimlaRuns = collections.namedtuple('SimlaRuns', 'root pretrain retrieval vqa ve grounding ta nlvr log')
@@ -56,13 +56,15 @@ def start(root, deit, work, after=None):
     held = lambda name, **n: slice_file(os.path.join(root, f'{name}.json'), os.path.join(work, f'{name}.json'), **n)
     retrieval_test = held('retrieval_test', n_images=HELD_OUT_IMAGES)
     retrieval = {'train_file': f'[{root}/retrieval_train.json]', 'val_file': retrieval_test,
-                 'test_file': retrieval_test, 'image_root': root}
+                 'test_file': retrieval_test, 'image_root': root, 'k_test': 8}  # a full shared-stream pass per candidate
     vqa = {'train_file': f'[{root}/vqa_train.json]', 'test_file': f"[{held('vqa_test', n_items=HELD_OUT_ITEMS)}]",
            'answer_list': f'{root}/answer_list.json', 'vqa_root': root, 'vg_root': root}
     ve = {'train_file': f'{root}/ve_train.json', 'val_file': held('ve_dev', n_items=HELD_OUT_ITEMS),
           'test_file': held('ve_test', n_items=HELD_OUT_ITEMS), 'image_root': root}
     grounding = {'train_file': f'[{root}/grounding_train.json]',
-                 'test_file': f'[{root}/grounding_val.json,{root}/grounding_test.json]', 'image_root': root}
+                 'test_file': f'[{root}/grounding_val.json,{root}/grounding_test.json]', 'image_root': root,
+                 'refcoco_data': root, 'det_file': f'{root}/refcoco+/dets.json',
+                 'coco_file': f'{root}/refcoco+/cocos.json'}
     ta = {'train_file': f'[{root}/pretrain.json]', 'image_root': root}
     nlvr = {'train_file': f'[{root}/nlvr_train.json]', 'val_file': f"[{held('nlvr_dev', n_items=HELD_OUT_ITEMS)}]",
             'test_file': f"[{held('nlvr_test', n_items=HELD_OUT_ITEMS)}]", 'image_root': root}
