@@ -6,10 +6,9 @@ orders the tests that read them last, so on the two-core CI machine they run bes
 adding their minutes to it. Every setting is here: the margins of the tests were measured with exactly these.
 """
 import collections
-import json
 import os
 
-from tests.helpers import REPO, BackgroundRun, opts, pretrain_argv
+from tests.helpers import REPO, BackgroundRun, opts, pretrain_argv, slice_file
 
 CONFIG = os.path.join(REPO, 'configs', 'codis', 'Pretrain_synthetic.yaml')
 SEED = 42
@@ -21,20 +20,6 @@ HELD_OUT_IMAGES = 50      # retrieval evaluated on the first 50 pictures of retr
 VQA_QUESTIONS = 64        # the first questions of vqa_test.json
 
 CodisRuns = collections.namedtuple('CodisRuns', 'root pretrain zero_shot retrieval vqa log')
-
-
-def slice_file(source, target, n_images=None, n_items=None):
-    """The entries of the first n_images pictures, or the first n_items entries, of a json list; returns target."""
-    with open(source) as f:
-        items = json.load(f)
-    if n_images is not None:
-        keep = set(list(dict.fromkeys(item['image'] for item in items))[:n_images])
-        items = [item for item in items if item['image'] in keep]
-    if n_items is not None:
-        items = items[:n_items]
-    with open(target, 'w') as f:
-        json.dump(items, f)
-    return str(target)
 
 
 def fine_tune_argv(config, checkpoint, out, steps, **keys):

@@ -8,12 +8,15 @@ and run an entry script, in this process or as a subprocess (plain or under torc
     run_main(script, argv)                      any entry script's main() in this process
     run_script(name, argv) / start_script(...)  a script or module in a subprocess: run to the end / started
     BackgroundRun(commands, log)                several scripts one after another in the background; wait() joins
+    slice_file(source, target, ...)             the first pictures or entries of an annotation file
+    read_log(out) / read_steps(out)             a run's log.txt epoch records / train_steps.jsonl lines
 
 The tests give every setting explicitly (seed, world scale, steps, epochs, ...): the learning margins they assert were
 measured with exactly those settings.
 """
 import contextlib
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +187,29 @@ class BackgroundRun:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+
+def slice_file(source, target, n_images=None, n_items=None):
+    """The entries of the first n_images pictures, or the first n_items entries, of a json list; returns target."""
+    with open(source) as f:
+        items = json.load(f)
+    if n_images is not None:
+        keep = set(list(dict.fromkeys(item['image'] for item in items))[:n_images])
+        items = [item for item in items if item['image'] in keep]
+    if n_items is not None:
+        items = items[:n_items]
+    with open(target, 'w') as f:
+        json.dump(items, f)
+    return str(target)
+
+
+def read_log(output_dir):
+    """The JSON records of output_dir/log.txt (one per epoch, -1 for the evaluation before training)."""
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        return [json.loads(line) for line in f if line.startswith('{')]
+
+
+def read_steps(output_dir):
+    """The lines of output_dir/train_steps.jsonl."""
+    with open(os.path.join(output_dir, 'train_steps.jsonl')) as f:
+        return [json.loads(line) for line in f]

@@ -7,10 +7,9 @@ Started in the background by tests/conftest.py (like tests/codis_runs.py) as soo
 setting is here, and the margins of the tests were measured with exactly these.
 """
 import collections
-import json
 import os
 
-from tests.helpers import REPO, BackgroundRun, opts, pretrain_argv
+from tests.helpers import REPO, BackgroundRun, opts, pretrain_argv, slice_file
 
 CONFIGS = os.path.join(REPO, 'configs', 'simla')
 SEED = 42
@@ -23,20 +22,6 @@ HELD_OUT_IMAGES = 30   # retrieval: the first pictures of retrieval_test.json
 HELD_OUT_ITEMS = 96    # VQA questions, SNLI-VE and NLVR2 items of each held-out split
 
 SimlaRuns = collections.namedtuple('SimlaRuns', 'root pretrain retrieval vqa ve grounding ta nlvr log')
-
-
-def slice_file(source, target, n_images=None, n_items=None):
-    """The entries of the first n_images pictures, or the first n_items entries, of a json list; returns target."""
-    with open(source) as f:
-        items = json.load(f)
-    if n_images is not None:
-        keep = set(list(dict.fromkeys(item['image'] for item in items))[:n_images])
-        items = [item for item in items if item['image'] in keep]
-    if n_items is not None:
-        items = items[:n_items]
-    with open(target, 'w') as f:
-        json.dump(items, f)
-    return str(target)
 
 
 def task_argv(config, checkpoint, out, steps, **keys):

@@ -14,18 +14,9 @@ import os
 import pytest
 
 from tests import codis_runs as settings
+from tests.helpers import read_log, read_steps
 
 CODEBOOK_SIZE = 64  # configs/codis/Pretrain_synthetic.yaml (checked below)
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line) for line in f if line.startswith('{')]
-
-
-def read_steps(output_dir):
-    with open(os.path.join(output_dir, 'train_steps.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.unit

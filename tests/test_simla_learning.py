@@ -16,16 +16,7 @@ import math
 import os
 
 from tests import simla_runs as settings
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line) for line in f if line.startswith('{')]
-
-
-def read_steps(output_dir):
-    with open(os.path.join(output_dir, 'train_steps.jsonl')) as f:
-        return [json.loads(line) for line in f]
+from tests.helpers import read_log, read_steps
 
 
 def metrics(output_dir):
