@@ -40,8 +40,9 @@ def start(root, deit, work, after=None):
     checkpoint = os.path.join(runs.pretrain, 'checkpoint_last.pth')
     held = lambda name, **n: slice_file(os.path.join(root, f'{name}.json'), os.path.join(work, f'{name}.json'), **n)
     retrieval_test = held('retrieval_test', n_images=HELD_OUT_IMAGES)
+    # k 8: SIMLA re-ranks each candidate with a full shared-stream pass
     retrieval = {'train_file': f'[{root}/retrieval_train.json]', 'val_file': retrieval_test,
-                 'test_file': retrieval_test, 'image_root': root, 'k_test': 8}  # a full shared-stream pass per candidate
+                 'test_file': retrieval_test, 'image_root': root, 'k_test': 8}
     vqa = {'train_file': f'[{root}/vqa_train.json]', 'test_file': f"[{held('vqa_test', n_items=HELD_OUT_ITEMS)}]",
            'answer_list': f'{root}/answer_list.json', 'vqa_root': root, 'vg_root': root}
     ve = {'train_file': f'{root}/ve_train.json', 'val_file': held('ve_dev', n_items=HELD_OUT_ITEMS),
