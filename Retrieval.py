@@ -13,8 +13,6 @@ from evaluation.rerank import evaluate_retrieval
 from evaluation.retrieval import itm_eval
 from models.tokenization import build_tokenizer
 
-SELECT_KEY = 'val_r_mean'  # the split whose R-mean picks the reported epoch; `select_on: test` (SIMLA release, Flickr)
-
 
 def build_loaders(config, tokenizer, args, splits):
     """Seeded training loader and sampler, and the val/test image loaders (no sampler: every rank encodes all)."""
@@ -56,7 +54,8 @@ def write_metrics(args, config, metrics, epoch, selected_by=None):
 
 
 def select_key_of(config):
-    """`val_r_mean` (default), or `test_r_mean` with `select_on: test` (the SIMLA release's Flickr selection)."""
+    """The metric whose best epoch is reported: `val_r_mean` (default), or `test_r_mean` with `select_on: test` (the
+    SIMLA release's Flickr selection)."""
     return f"{config.get('select_on') or 'val'}_r_mean"
 
 

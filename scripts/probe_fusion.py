@@ -21,6 +21,7 @@ from dataset import build_transform  # noqa: E402
 from dataset.image_io import load_image  # noqa: E402
 from dataset.text import pre_caption  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from evaluation.rerank import fuses_from_ids  # noqa: E402
 from models import registry  # noqa: E402
 from models.checkpoint import load_checkpoint_file, trust_checkpoint_file  # noqa: E402
 from models.tokenization import build_tokenizer  # noqa: E402
@@ -35,7 +36,7 @@ def probe(model, tokenizer, images, captions, mask_fraction=0.3, seed=0):
         text_embeds = model.text_bert(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                       mode='text').last_hidden_state
         # a shared stream (SIMLA) fuses from the token ids, ALBEF's fusion layers from the text-mode states
-        text_in = text.input_ids if getattr(model, 'fuses_from_ids', False) else text_embeds
+        text_in = text.input_ids if fuses_from_ids(model) else text_embeds
         match = model.itm_score(text_in, text.attention_mask, image_embeds)
         mismatch = model.itm_score(text_in, text.attention_mask, image_embeds[other])
         ids = text.input_ids.clone()
