@@ -27,11 +27,18 @@ class TaskSpec:
     make_step: None (the script's own step) or `(config, device) -> step(model, batch, alpha) -> {name: tensor}` for
         a family whose training step needs more than its model's forward on the batch (SIMLA pretraining: the
         frozen visual tokenizer's MIM targets). Built once per run; what it holds stays out of the state dict.
+        Fine-tuning scripts ask it too (VLMo's retrieval, VQA and NLVR2 steps call its compute_* objectives).
+    evaluate: None (the script's own protocol, for ALBEF-style models) or the family's replacement, with the task's
+        signature: retrieval `(model, loader, tokenizer, device, config) -> (i2t [N_img, N_txt], t2i [N_txt, N_img])`
+        score matrices that the script's recall computation reads (VLMo: the dual-encoder scores); vqa
+        `(model, loader, tokenizer, device, config) -> [{'question_id': int, 'answer': str}, ...]` for this rank's
+        questions (VLMo: argmax of the answer classifier).
     """
     model_class: type
     load_checkpoint: Callable
     optimizer_groups: Optional[Callable] = None
     make_step: Optional[Callable] = None
+    evaluate: Optional[Callable] = None
 
     def build(self, config, **kwargs):
         """`model_class(config=config, **kwargs)` (kwargs: text_encoder, tokenizer, init_deit, ...)."""
@@ -166,7 +173,8 @@ def _simla_tasks():
 def _albef_refusing_simla():
     """The ALBEF family's rules, each first refusing a SIMLA checkpoint (the ALBEF path is otherwise unchanged)."""
     from .simla.checkpoint import refusing
-    return {task: TaskSpec(s.model_class, refusing('albef', s.load_checkpoint), s.optimizer_groups, s.make_step)
+    return {task: TaskSpec(s.model_class, refusing('albef', s.load_checkpoint), s.optimizer_groups, s.make_step,
+                           s.evaluate)
             for task, s in _FAMILIES['albef'].items()}
 
 
