@@ -28,7 +28,7 @@ from dataset.image_io import IMAGE_BLIND_MODES, ImageLoadError, load_image, make
 from dataset.nlvr_dataset import nlvr_dataset
 from dataset.shards import ShardedPretrainDataset
 from dataset.text import pre_caption, pre_question
-from dataset.transforms import build_transform
+from dataset.transforms import build_transform, normalisation_of
 from dataset.ve_dataset import ve_dataset
 from dataset.vqa_dataset import vqa_dataset
 
@@ -57,8 +57,9 @@ def _fixes(config) -> bool:
 
 def _train_test_transforms(config):
     """The fine-tuning training transform (random crop, flip, RandomAugment) and the test transform."""
-    train = build_transform("train", config["image_res"], config.get("crop_min_scale"), _fixes(config))
-    return train, build_transform("test", config["image_res"])
+    norm = normalisation_of(config)
+    train = build_transform("train", config["image_res"], config.get("crop_min_scale"), _fixes(config), norm)
+    return train, build_transform("test", config["image_res"], normalisation=norm)
 
 
 def _simla_mim(config):
@@ -76,7 +77,8 @@ def _pretrain_transform(config):
     tokenizer view, block-wise patch mask) instead, so the views and masks exist only when MIM needs them."""
     mim = _simla_mim(config)
     if mim is None:
-        return build_transform("pretrain", config["image_res"], config.get("crop_min_scale"), _fixes(config))
+        return build_transform("pretrain", config["image_res"], config.get("crop_min_scale"), _fixes(config),
+                               normalisation_of(config))
     from dataset.simla_views import SimlaPretrainTransform
     options = {key: mim[key] for key in ("tokenizer_res", "view", "num_masking_patches", "min_num_patches",
                                          "max_num_patches", "min_aspect") if mim.get(key) is not None}
