@@ -11,6 +11,7 @@ from dataset import build_collate_fn, create_dataset, create_loader, static_shap
 from engine.tasks import fit_retrieval_model, train_or_evaluate
 from evaluation.rerank import evaluate_retrieval
 from evaluation.retrieval import itm_eval
+from models.registry import task_spec
 from models.tokenization import build_tokenizer
 
 
@@ -26,16 +27,20 @@ def build_loaders(config, tokenizer, args, splits):
     return train, sampler, val, test
 
 
-def make_evaluate(config, tokenizer, device, loaders):
-    """evaluate_fn(model, epoch) -> {val_*, test_*} metrics of the official protocol on every loader."""
+def make_evaluate(config, tokenizer, device, loaders, scores=None):
+    """evaluate_fn(model, epoch) -> {val_*, test_*} metrics of the official protocol on every loader. `scores`: the
+    family's score matrices (TaskSpec.evaluate, e.g. VLMo's dual encoder) in place of ALBEF's ITM re-ranking."""
     def evaluate(model, epoch):
         metrics = {}
         for split, loader in loaders.items():
             with engine.autocast(device, config['precision']):
-                i2t, t2i = evaluate_retrieval(model, loader, tokenizer, device, config['k_test'],
-                                              score=config['rerank_score'],
-                                              method=config.get('rerank_method', 'fast'),
-                                              pair_batch=config.get('rerank_batch'))
+                if scores is not None:
+                    i2t, t2i = scores(model, loader, tokenizer, device, config)
+                else:
+                    i2t, t2i = evaluate_retrieval(model, loader, tokenizer, device, config['k_test'],
+                                                  score=config['rerank_score'],
+                                                  method=config.get('rerank_method', 'fast'),
+                                                  pair_batch=config.get('rerank_batch'))
             result = itm_eval(i2t, t2i, loader.dataset.txt2img, loader.dataset.img2txt)
             metrics.update({f'{split}_{k}': round(float(v), 4) for k, v in result.items()})
             print(f'{split} (epoch {epoch}): ' + ', '.join(f'{k} {float(v):.2f}' for k, v in result.items()))
@@ -43,11 +48,18 @@ def make_evaluate(config, tokenizer, device, loaders):
     return evaluate
 
 
-def write_metrics(args, config, metrics, epoch, selected_by=None):
+def protocol_of(config, family_scores):
+    """What defines the scores: ALBEF's ITC top-k_test then ITM re-ranking, or the family's own (VLMo: dual)."""
+    if family_scores:
+        return {'scores': (config.get('retrieval') or {}).get('mode', 'dual')}
+    return {'k_test': config['k_test'], 'rerank_score': config['rerank_score'],
+            'rerank_method': config.get('rerank_method', 'fast')}
+
+
+def write_metrics(args, config, metrics, epoch, selected_by=None, family_scores=False):
     """metrics.json: the reported numbers with everything that defines the protocol."""
     engine.write_metrics(args, config, 'retrieval', metrics, epoch=epoch, selected_by=selected_by,
-                         image_res=config['image_res'], k_test=config['k_test'], rerank_score=config['rerank_score'],
-                         rerank_method=config.get('rerank_method', 'fast'),
+                         image_res=config['image_res'], **protocol_of(config, family_scores),
                          **({'coco_split': config['coco_split']} if config.get('coco_split') else {}),
                          val={k[4:]: v for k, v in metrics.items() if k.startswith('val_')},
                          test={k[5:]: v for k, v in metrics.items() if k.startswith('test_')})
@@ -68,13 +80,16 @@ def main(args):
     # the inference form (no momentum encoders, no queues) for --evaluate: the layout of the released files
     model = engine.build_task_model(config, 'retrieval', args, text_encoder=engine.text_weights(args),
                                     with_momentum=not args.evaluate).to(device)
-    evaluate = make_evaluate(config, tokenizer, device, {'val': val_loader, 'test': test_loader})
+    spec = task_spec(config, 'retrieval')  # a family's own step and scores (VLMo: dual encoder), else ALBEF's
+    evaluate = make_evaluate(config, tokenizer, device, {'val': val_loader, 'test': test_loader}, spec.evaluate)
+    step = spec.make_step(config, device) if spec.make_step else None
 
     select_key = select_key_of(config)
     train_or_evaluate(args, model, evaluate,
                       lambda: fit_retrieval_model(args, config, model, train_loader, sampler, evaluate, select_key,
-                                                  config['batch_size_train']),
-                      lambda metrics, epoch, selected_by: write_metrics(args, config, metrics, epoch, selected_by),
+                                                  config['batch_size_train'], step),
+                      lambda metrics, epoch, selected_by: write_metrics(args, config, metrics, epoch, selected_by,
+                                                                        spec.evaluate is not None),
                       select_key=select_key)
     engine.destroy()
 

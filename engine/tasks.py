@@ -39,10 +39,11 @@ def retrieval_step(model, batch, alpha):
     return {'loss_ita': loss_ita, 'loss_itm': loss_itm}
 
 
-def fit_retrieval_model(args, config, model, loader, sampler, evaluate, select_key, batch_size):
-    """Fine-tune the retrieval model with `fit`; returns the FitResult (its `best` is the reported epoch)."""
+def fit_retrieval_model(args, config, model, loader, sampler, evaluate, select_key, batch_size, step=None):
+    """Fine-tune the retrieval model with `fit` (`step`: the family's step, default ALBEF's `retrieval_step`);
+    returns the FitResult (its `best` is the reported epoch)."""
     model.check_queue_divisible(batch_size * utils.get_world_size())
-    return fit(args, config, model, loader, retrieval_step, evaluate_fn=evaluate, select_key=select_key,
+    return fit(args, config, model, loader, step or retrieval_step, evaluate_fn=evaluate, select_key=select_key,
                ramp_alpha=config.get('warm_up', True), train_sampler=sampler)
 
 

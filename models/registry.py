@@ -186,9 +186,11 @@ register_family('albef', _albef_refusing_simla())
 def _vlmo_tasks():
     """VLMo's task models; Pretrain.py runs stage 2 (`task: textmlm`) and stage 3. VLMo defines no SNLI-VE, grounding
     or NLVR2 TA-pretraining recipe, so those tasks are not registered and their scripts refuse `model: vlmo`."""
-    from . import vlmo
+    from . import vlmo, vlmo_retrieval
     return {'pretrain': TaskSpec(vlmo.VLMoPretrain, vlmo.load_checkpoint),
-            'retrieval': TaskSpec(vlmo.VLMoRetrieval, vlmo.load_checkpoint),
+            'retrieval': TaskSpec(vlmo.VLMoRetrieval, vlmo.load_checkpoint,
+                                  make_step=vlmo_retrieval.make_retrieval_step,
+                                  evaluate=vlmo_retrieval.dual_encoder_scores),
             'vqa': TaskSpec(vlmo.VLMoVQA, vlmo.load_checkpoint),
             'nlvr': TaskSpec(vlmo.VLMoNLVR, vlmo.load_checkpoint)}
 

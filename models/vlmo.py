@@ -573,8 +573,10 @@ class VLMo(nn.Module):
 
     def forward(self, image, text, alpha=0.0, **unused):
         """Pretraining step of Pretrain.py: (loss_mlm, loss_ita, loss_itm) with loss_ita = ITC (the VLMo objectives;
-        stage 2 trains MLM only and reports zero ITC/ITM)."""
+        stage 2 trains MLM only and reports zero ITC/ITM); the retrieval model's step returns its ITC loss."""
         ids, mask = self.fixed_length(text)
+        if self.task == 'retrieval':  # Retrieval.py (models/vlmo_retrieval.py): ITC over all-gathered features
+            return self.compute_irtr(image, ids, mask)['irtr_loss']
         ids_mlm, labels = self.mask_text(ids)
         if self.task == 'textmlm':
             loss = self.compute_textmlm(ids_mlm, mask, labels)['mlm_loss']
