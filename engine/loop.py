@@ -67,7 +67,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn, *, config, dev
 
     A step here is one micro-batch (the data position). With `accumulate` > 1 each micro-batch loss is divided by
     `accumulate` and the optimizer steps after every `accumulate` micro-batches counted from the epoch's start, and
-    after the epoch's last one (a shorter last window, as PyTorch Lightning does). A scheduler with
+    after the epoch's last one (a shorter last window, as PyTorch Lightning does); under DDP the other micro-batches
+    run under `no_sync`. A non-finite micro-batch (skip_nonfinite_steps) adds no gradient; when it is a window's
+    last, the window takes no optimizer step. A scheduler with
     `per_optimizer_step` (the `schedule` block) is stepped after every optimizer step; the epoch schedule
     (`schedular`) follows the data position as before. With accumulate 1 every micro-batch is one optimizer step and
     the operations are exactly those of the loop without accumulation.
@@ -90,21 +92,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn, *, config, dev
             raw = raw.batch
         batch = to_device(raw, device)
         log.data_wait += time.time() - t0
-        with autocast(device, config.get('precision', 'fp32')):
-            loss_dict = step_fn(model, batch, alpha_at(config, epoch, i, steps, ramp_alpha))
-        loss = total_loss(loss_dict)
-        skip = run.skip_nonfinite(loss, loss_dict, epoch, i)
-        if i % accumulate == 0 or i == start_step:  # a window's first micro-batch
-            optimizer.zero_grad(set_to_none=True)
-            window_has_grads = False
-        if not skip:
-            (loss if accumulate == 1 else loss / accumulate).backward()
-            window_has_grads = True
-        if (i + 1) % accumulate == 0 or i + 1 == steps:  # a window's last micro-batch: the optimizer step
-            if window_has_grads:
+        window_end = (i + 1) % accumulate == 0 or i + 1 == steps  # a window's last micro-batch: the optimizer step
+        # under DDP the gradients of a window are all-reduced once, in the backward of its last micro-batch
+        with (model.no_sync() if not window_end and hasattr(model, 'no_sync') else contextlib.nullcontext()):
+            with autocast(device, config.get('precision', 'fp32')):
+                loss_dict = step_fn(model, batch, alpha_at(config, epoch, i, steps, ramp_alpha))
+            loss = total_loss(loss_dict)
+            skip = run.skip_nonfinite(loss, loss_dict, epoch, i)
+            if i % accumulate == 0 or i == start_step:  # a window's first micro-batch
+                optimizer.zero_grad(set_to_none=True)
+            if not skip:
+                (loss if accumulate == 1 else loss / accumulate).backward()
+        if window_end:
+            if not skip:  # a window whose last micro-batch is skipped is dropped (its gradients were never reduced)
                 optimizer.step()
             if per_step:
-                scheduler.step()  # the schedule counts optimizer steps (skipped ones included)
+                scheduler.step()  # the schedule counts windows (dropped ones included)
         if not per_step:
             warmup_step(scheduler, epoch, i, warmup_epochs, step_size)  # the schedule follows the data position
         n = log.count(batch)

@@ -169,10 +169,13 @@ class Toy(nn.Module):
         torch.manual_seed(0)
         self.lin = nn.Linear(3, 2)
 
+    def forward(self, x):
+        return self.lin(x)
+
 
 def toy_step(model, batch, alpha):
     x, y = batch
-    return {'loss': ((model.lin(x) - y) ** 2).mean()}
+    return {'loss': ((model(x) - y) ** 2).mean()}  # through forward: DDP's hooks
 
 
 def toy_loader(batch_size, n=16):
@@ -321,3 +324,38 @@ def test_albef_epoch_loop_is_the_loop_before_accumulation(tmp_path):
         assert torch.equal(a, b)
     assert optimizer.state_dict()['state'][0]['step'] == ref_opt.state_dict()['state'][0]['step'] == 8
     assert stats['lr'] == sum(ref_lrs) / len(ref_lrs)
+
+
+# ---- two gloo processes: accumulation under DDP (no_sync) = the single-process global batch ------------------------
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    loader = toy_loader(2)
+    sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=False)
+    loader = DataLoader(loader.dataset, batch_size=2, sampler=sampler)
+    args = toy_args(out)
+    args.distributed = True
+    model = Toy()
+    engine.fit(args, step_config(batch_size=2, batch_size_global=8), model, loader, toy_step, train_sampler=sampler)
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_accumulation_under_ddp_equals_the_global_batch(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / 'ddp')), nprocs=2, join=True)
+    single = Toy()
+    engine.fit(toy_args(tmp_path / 'one'), step_config(batch_size=8), single, toy_loader(8), toy_step)
+    ranks = [torch.load(tmp_path / 'ddp' / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    for key, value in single.state_dict().items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the ranks stay identical
+        assert torch.allclose(ranks[0][key], value, rtol=0, atol=1e-6), key
+    log = read_jsonl(tmp_path / 'ddp' / 'train_steps.jsonl')
+    assert [r['opt_step'] for r in log] == [0, 1, 1, 2, 2, 3, 3, 4]  # 2 epochs x 4 micro-batches per rank
