@@ -206,6 +206,9 @@ class TrainingRun:
         self.nonfinite_skipped = 0
         self.skipped_images = 0
         self.last_checkpoint = None
+        # micro-batches per optimizer step (engine.loop.fit sets it): with gradient accumulation a step checkpoint
+        # is written every checkpoint_every_steps optimizer steps, always after an optimizer step
+        self.accumulate = 1
         self._tracker = None
         self._pending_rng = None
         if utils.is_main_process():
@@ -277,10 +280,13 @@ class TrainingRun:
                                  f'fix the cause (e.g. a lower lr, --precision fp32) and continue with --resume auto')
 
     def after_step(self, epoch, i, steps, tracker):
-        """Count the step and write a step checkpoint every `checkpoint_every_steps` steps (not at an epoch's end)."""
+        """Count the step and write a step checkpoint every `checkpoint_every_steps` steps (not at an epoch's end).
+
+        `step` and `global_step` count micro-batches (the data position); with gradient accumulation
+        `checkpoint_every_steps` counts optimizer steps (every x accumulate micro-batches)."""
         self.global_step += 1
         self.epoch, self.step = epoch, i + 1
-        if self.every and self.step % self.every == 0 and self.step < steps:
+        if self.every and self.step % (self.every * self.accumulate) == 0 and self.step < steps:
             self._save(epoch, self.step, tracker)
 
     def end_epoch(self, epoch, record):

@@ -188,7 +188,9 @@ _VLMO_BLOCKS: dict[str, dict[str, Key]] = {
     "itc": {"vl_branch": Key(BOOL), "gather_with_grad": Key(BOOL)},
     "mlm": {"masking": Key(STR, ("wwm", "token")), "probability": Key(NUM)},
     "retrieval": {"mode": Key(STR, ("dual", "dual_rerank"))},
-    # per-step linear warm-up then polynomial decay (warmup_steps: a float is a fraction of max_steps)
+    # per-optimizer-step linear warm-up then polynomial decay (engine/loop.py fit, scheduler.StepScheduler):
+    # warmup_steps a float = a fraction of the total; max_steps null = epoch-based (total = micro-batches per epoch x
+    # epochs // accumulation); epochs = the number of epochs then, else at most that many (official max_epoch)
     "schedule": {"sched": Key(STR, ("linear",)), "max_steps": Key(INT, nullable=True), "warmup_steps": Key(NUM),
                  "end_lr": Key(NUM), "power": Key(NUM), "epochs": Key(INT)},
     "data": {"caption_sampling": Key(STR, ("per_caption", "random")), "drop_last": Key(BOOL), "hflip": Key(BOOL),
@@ -203,7 +205,11 @@ _SYNTHETIC_KEYS: dict[str, Key] = {
 CONFIG_KEYS: dict[str, dict[str, Key]] = {
     "top": {**_DATA_KEYS, **_MODEL_KEYS, **_TRAINING_KEYS, **_SPEED_KEYS, **QUIRK_FLAGS, **_SIMLA_KEYS, **_CODIS_KEYS,
             **_VLMO_KEYS, **_SYNTHETIC_KEYS},
-    "optimizer": {"opt": Key(STR), "lr": Key(NUM), "weight_decay": Key(NUM)},
+    # opt (checked by optim.create_optimizer): adamW (ALBEF; = adamw_torch, torch's AdamW) or adamw_hf (transformers
+    # 4.8.1 AdamW, VLMo; optim/adamw_hf.py); betas / eps: AdamW's (default (0.9, 0.999) / 1e-8, ALBEF's values; the
+    # VLMo configs set [0.9, 0.98] / 1e-8)
+    "optimizer": {"opt": Key(STR), "lr": Key(NUM),
+                  "weight_decay": Key(NUM), "betas": Key(LIST), "eps": Key(NUM)},
     "schedular": {"sched": Key(STR, ("cosine",)), "lr": Key(NUM), "epochs": Key(INT), "min_lr": Key(NUM),
                   "decay_rate": Key(NUM), "warmup_lr": Key(NUM), "warmup_epochs": Key(INT),
                   "cooldown_epochs": Key(INT)},

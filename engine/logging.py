@@ -54,6 +54,8 @@ class StepLog:
                   'samples_per_s': round(rate, 2), 'data_wait_s': round(self.data_wait, 3),
                   'interval_s': round(now - self.t_last, 3)}
         record.update({k: round(v.item(), 5) for k, v in loss_dict.items()})
+        if getattr(run.scheduler, 'per_optimizer_step', False):  # the step schedule: optimizer steps taken so far
+            record['opt_step'] = run.scheduler.optimizer_step
         if self.device.type == 'cuda':
             record['peak_mem_gb'] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
         if self.counting:

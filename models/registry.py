@@ -83,6 +83,16 @@ def task_spec(config, task):
     return tasks[task]
 
 
+def optimizer_groups_for(config, model):
+    """The optimiser parameter groups of the config's family for `model` (the first of its TaskSpecs with
+    `optimizer_groups` whose model_class `model` is an instance of), or None: the project's AdamW groups. This is
+    how the training loop finds a family's groups from the model it is given, without knowing the task."""
+    for spec in _FAMILIES[model_family(config)].values():
+        if spec.optimizer_groups is not None and isinstance(model, spec.model_class):
+            return spec.optimizer_groups(model, config)
+    return None
+
+
 # ---- the ALBEF family ------------------------------------------------------------------------------------------
 def _albef_tasks():
     """ALBEF's task models and start-from-a-file rules (models/checkpoint.py), imported here to avoid a cycle."""
@@ -186,13 +196,18 @@ register_family('albef', _albef_refusing_simla())
 def _vlmo_tasks():
     """VLMo's task models; Pretrain.py runs stage 2 (`task: textmlm`) and stage 3. VLMo defines no SNLI-VE, grounding
     or NLVR2 TA-pretraining recipe, so those tasks are not registered and their scripts refuse `model: vlmo`."""
+    from optim.vlmo import vlmo_param_groups  # the four groups of VLMo spec section 12.1 (heads at lr_mult_heads)
+
     from . import vlmo, vlmo_retrieval
-    return {'pretrain': TaskSpec(vlmo.VLMoPretrain, vlmo.load_checkpoint),
-            'retrieval': TaskSpec(vlmo.VLMoRetrieval, vlmo.load_checkpoint,
-                                  make_step=vlmo_retrieval.make_retrieval_step,
-                                  evaluate=vlmo_retrieval.dual_encoder_scores),
-            'vqa': TaskSpec(vlmo.VLMoVQA, vlmo.load_checkpoint),
-            'nlvr': TaskSpec(vlmo.VLMoNLVR, vlmo.load_checkpoint)}
+
+    def spec(model_class, **hooks):
+        return TaskSpec(model_class, vlmo.load_checkpoint, optimizer_groups=vlmo_param_groups, **hooks)
+
+    return {'pretrain': spec(vlmo.VLMoPretrain),
+            'retrieval': spec(vlmo.VLMoRetrieval, make_step=vlmo_retrieval.make_retrieval_step,
+                              evaluate=vlmo_retrieval.dual_encoder_scores),
+            'vqa': spec(vlmo.VLMoVQA),
+            'nlvr': spec(vlmo.VLMoNLVR)}
 
 
 register_family('vlmo', _vlmo_tasks())

@@ -1,4 +1,5 @@
-"""AdamW with the official two weight-decay groups."""
+"""AdamW with the official two weight-decay groups (ALBEF), or a family's own groups and update rule (VLMo:
+optim/vlmo.py, optim/adamw_hf.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -46,15 +47,32 @@ def _resolve_fused(fused: bool | None, groups: list[dict]) -> bool:
 
 
 def create_optimizer(config_optimizer: dict, model: torch.nn.Module, fused: bool | None = None,
-                     wd_exempt_extra: Iterable[str] | None = None) -> torch.optim.AdamW:
-    """torch AdamW (betas 0.9/0.999, eps 1e-8) over the official groups; fused on CUDA unless told otherwise."""
+                     wd_exempt_extra: Iterable[str] | None = None, groups: list[dict] | None = None
+                     ) -> torch.optim.Optimizer:
+    """AdamW over the official groups, or over `groups` (a family's own, each with its lr and weight_decay).
+
+    `optimizer.opt`: `adamW` (ALBEF; also `adamw_torch`) is torch's AdamW, fused on CUDA unless told otherwise;
+    `adamw_hf` is the update of transformers 4.8.1 (optim/adamw_hf.py, VLMo). betas and eps come from
+    `optimizer.betas` / `optimizer.eps` when given, else (0.9, 0.999) and 1e-8 (the ALBEF values).
+    """
     opt = str(config_optimizer.get("opt", "adamW"))
-    if opt.lower() != "adamw":
-        raise ValueError(f"optimizer.opt must be 'adamW' (the only optimiser ALBEF uses), got {opt!r}")
+    if opt.lower() not in ("adamw", "adamw_torch", "adamw_hf"):
+        raise ValueError(f"optimizer.opt must be 'adamW' (the only optimiser ALBEF uses), 'adamw_torch' (the same "
+                         f"torch update) or 'adamw_hf' (transformers 4.8.1 AdamW, VLMo), got {opt!r}")
     if "lr" not in config_optimizer:
         raise ValueError("optimizer block needs 'lr' (the base learning rate), e.g. optimizer: {opt: adamW, lr: 1e-4}")
-    groups = param_groups(model, float(config_optimizer.get("weight_decay", 0.02)), wd_exempt_extra or ())
+    if groups is None:
+        groups = param_groups(model, float(config_optimizer.get("weight_decay", 0.02)), wd_exempt_extra or ())
     if not any(group["params"] for group in groups):
         raise ValueError("create_optimizer: the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=float(config_optimizer["lr"]), betas=BETAS, eps=EPS,
-                             fused=_resolve_fused(fused, groups))
+    betas = tuple(float(b) for b in config_optimizer.get("betas", BETAS))
+    eps = float(config_optimizer.get("eps", EPS))
+    if len(betas) != 2:
+        raise ValueError(f"optimizer.betas must be two numbers such as [0.9, 0.98], got {list(betas)}")
+    lr = float(config_optimizer["lr"])
+    if opt.lower() == "adamw_hf":
+        if fused:
+            raise ValueError("optimizer.opt adamw_hf has no fused kernel; use adamw_torch for fused AdamW")
+        from .adamw_hf import AdamWHF
+        return AdamWHF(groups, lr=lr, betas=betas, eps=eps, correct_bias=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=_resolve_fused(fused, groups))

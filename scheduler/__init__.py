@@ -119,3 +119,109 @@ def lr_at(config: dict, epoch: int, i: int = 0, step_size: int | None = None) ->
     t = warmup_index(i, warmup_epochs, step_size) if epoch == 0 else epoch + warmup_epochs
     return cosine_lr(t, float(config["optimizer"]["lr"]), float(sched["warmup_lr"]), float(sched["min_lr"]),
                      warmup_epochs, int(sched["epochs"]))
+
+
+# ---- the per-optimizer-step schedule (VLMo; config block `schedule`) ---------------------------------------------
+class StepScheduler:
+    """Linear warm-up from 0, then polynomial decay to end_lr at `total_steps` (transformers'
+    get_polynomial_decay_schedule_with_warmup, VLMo spec section 12.2), driven per optimizer step.
+
+    Every group's lr is its own base lr (the lr it had when the scheduler was built: heads keep their multiplier)
+    times factor(s), s = optimizer steps taken so far; the first step uses factor(0) = 0. The factor is
+    `models.losses.vlmo_lr_factor` with end factor end_lr / base_lr (base_lr: the optimizer's `lr`), as transformers
+    computes it from the optimizer's default lr.
+    """
+
+    per_optimizer_step = True  # engine/loop.py: step after every optimizer step, not by the epoch staircase
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, base_lr: float,
+                 end_lr: float = 0.0, power: float = 1.0):
+        if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"schedule needs max_steps >= 1 and 0 <= warmup_steps <= max_steps, got {total_steps}, "
+                             f"{warmup_steps}")
+        if end_lr > base_lr:
+            raise ValueError(f"schedule.end_lr ({end_lr}) must not exceed optimizer.lr ({base_lr})")
+        self.optimizer = optimizer
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+        self.base_lr, self.end_lr, self.power = float(base_lr), float(end_lr), float(power)
+        self.optimizer_step = 0
+        self._apply()
+
+    def factor(self, s: int) -> float:
+        """The multiple of each group's base lr that optimizer step s (0-based) uses."""
+        from models.losses import vlmo_lr_factor  # the schedule formula lives with VLMo's other formulas
+        return vlmo_lr_factor(s, self.total_steps, self.warmup_steps, self.power, self.end_lr / self.base_lr)
+
+    def _apply(self) -> None:
+        f = self.factor(self.optimizer_step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * f
+
+    def step(self) -> float:
+        """Call after every optimizer step: set the lr of the next one; returns group 0's lr."""
+        self.optimizer_step += 1
+        self._apply()
+        return self.optimizer.param_groups[0]["lr"]
+
+    def get_last_lr(self) -> list[float]:
+        """Current LR of every param group (torch scheduler convention)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Everything but the optimizer; `optimizer_step` is the schedule's position (optimizer steps taken)."""
+        return {"base_lrs": list(self.base_lrs), "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "base_lr": self.base_lr, "end_lr": self.end_lr, "power": self.power,
+                "optimizer_step": self.optimizer_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the schedule and re-apply the lr of the next optimizer step."""
+        if "optimizer_step" not in state:
+            raise ValueError("this checkpoint's lr_scheduler was written by the epoch schedule (schedular); a run "
+                             "with a `schedule` block cannot resume from it")
+        for key in ("base_lrs", "total_steps", "warmup_steps", "base_lr", "end_lr", "power", "optimizer_step"):
+            setattr(self, key, state[key])
+        self._apply()
+
+
+def schedule_steps(config_schedule: dict, steps_per_epoch: int, accumulate: int) -> tuple[int, int, int]:
+    """(S, S_w, epochs) of a `schedule` block for an epoch of `steps_per_epoch` micro-batches per rank.
+
+    Optimizer steps per epoch = ceil(steps_per_epoch / accumulate) (the last, shorter window of an epoch steps too,
+    as PyTorch Lightning does). `max_steps` set: S = max_steps and the run takes the epochs needed to reach it
+    (at most `epochs` when given: the official max_epoch); `max_steps` null (epoch-based fine-tuning): `epochs` is
+    required and S = steps_per_epoch * epochs // accumulate (official). S_w = int(warmup_steps * S) for a float
+    warmup_steps, else warmup_steps.
+    """
+    sched = config_schedule.get("sched", "linear")
+    if sched != "linear":
+        raise ValueError(f"schedule.sched must be 'linear' (warm-up then polynomial decay), got {sched!r}")
+    if steps_per_epoch < 1:
+        raise ValueError("schedule: the training loader has no batches")
+    per_epoch = math.ceil(steps_per_epoch / accumulate)
+    epochs = config_schedule.get("epochs")
+    if config_schedule.get("max_steps") is not None:
+        total = int(config_schedule["max_steps"])
+        needed = math.ceil(total / per_epoch)
+        epochs = needed if epochs is None else min(int(epochs), needed)
+    else:
+        if epochs is None:
+            raise ValueError("schedule: with max_steps null (epoch-based fine-tuning) the block needs `epochs`, "
+                             "e.g. schedule: {sched: linear, max_steps: null, warmup_steps: 0.1, epochs: 10}")
+        epochs = int(epochs)
+        total = steps_per_epoch * epochs // accumulate
+    warmup = config_schedule.get("warmup_steps", 0)
+    warmup = int(warmup * total) if isinstance(warmup, float) else int(warmup)
+    if total < 1 or epochs < 1:
+        raise ValueError(f"schedule: {total} optimizer steps over {epochs} epochs; give max_steps >= 1 / epochs >= 1")
+    return total, warmup, epochs
+
+
+def create_step_scheduler(config: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                          accumulate: int) -> tuple[StepScheduler, int]:
+    """The `schedule` block's scheduler for a full task config, and the number of epochs the run takes."""
+    total, warmup, epochs = schedule_steps(config["schedule"], steps_per_epoch, accumulate)
+    sched = config["schedule"]
+    scheduler = StepScheduler(optimizer, total, warmup, float(config["optimizer"]["lr"]),
+                              float(sched.get("end_lr", 0.0)), float(sched.get("power", 1.0)))
+    return scheduler, epochs

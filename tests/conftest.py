@@ -72,6 +72,7 @@ KIND_OF_FILE = {
     'test_ve_parity.py': 'parity',
     'test_vit.py': 'unit',
     'test_vlmo_beit.py': 'unit',
+    'test_vlmo_engine.py': 'unit',
     'test_vlmo_model.py': 'unit',
     'test_vlmo_parity.py': 'parity',
     'test_vlmo_retrieval.py': 'unit',
