@@ -25,7 +25,7 @@ def test_retrieval_script_fine_tunes_and_evaluates_a_vlmo_checkpoint(synthetic_r
     torch.save({'model': pre.state_dict()}, start)
     out = tmp_path / 'ft'
     run_main('Retrieval', ['--config', RETRIEVAL, '--output_dir', str(out), '--checkpoint', str(start), *paths,
-                           *opts(max_steps_per_epoch=3, **{'schedular.epochs': 1})])
+                           *opts(max_steps_per_epoch=3, **{'schedule.epochs': 1})])
     metrics = json.loads((out / 'metrics.json').read_text())
     assert metrics['model'] == 'vlmo' and metrics['scores'] == 'dual' and 'k_test' not in metrics
     assert 0 <= metrics['test']['r_mean'] <= 100 and set(metrics['val']) >= {'txt_r1', 'img_r1', 'r_mean'}
