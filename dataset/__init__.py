@@ -55,10 +55,17 @@ def _fixes(config) -> bool:
     return bool(config.get("randaugment_fixes", False))
 
 
+def _norm(config) -> str:
+    """The image normalisation of the config key `image_norm`: 'clip' (ALBEF, the default) or 'half' (mean = std =
+    0.5, VLMo: spec VLMo.md 13.3)."""
+    return config.get("image_norm") or "clip"
+
+
 def _train_test_transforms(config):
     """The fine-tuning training transform (random crop, flip, RandomAugment) and the test transform."""
-    train = build_transform("train", config["image_res"], config.get("crop_min_scale"), _fixes(config))
-    return train, build_transform("test", config["image_res"])
+    train = build_transform("train", config["image_res"], config.get("crop_min_scale"), _fixes(config),
+                            normalize=_norm(config))
+    return train, build_transform("test", config["image_res"], normalize=_norm(config))
 
 
 def _simla_mim(config):
@@ -76,7 +83,8 @@ def _pretrain_transform(config):
     tokenizer view, block-wise patch mask) instead, so the views and masks exist only when MIM needs them."""
     mim = _simla_mim(config)
     if mim is None:
-        return build_transform("pretrain", config["image_res"], config.get("crop_min_scale"), _fixes(config))
+        return build_transform("pretrain", config["image_res"], config.get("crop_min_scale"), _fixes(config),
+                               normalize=_norm(config))
     from dataset.simla_views import SimlaPretrainTransform
     options = {key: mim[key] for key in ("tokenizer_res", "view", "num_masking_patches", "min_num_patches",
                                          "max_num_patches", "min_aspect") if mim.get(key) is not None}
@@ -140,8 +148,9 @@ def _three_split(dataset_class, task: str, config, skip: bool) -> DatasetSplits:
 def _grounding_splits(config, skip: bool) -> DatasetSplits:
     """RefCOCO+ training expressions and the concatenated val + test files."""
     root = _require(config, "image_root", "grounding")
-    train_tf = build_transform("grounding_train", config["image_res"], randaugment_fixes=_fixes(config))
-    test_tf = build_transform("test", config["image_res"])
+    train_tf = build_transform("grounding_train", config["image_res"], randaugment_fixes=_fixes(config),
+                               normalize=_norm(config))
+    test_tf = build_transform("test", config["image_res"], normalize=_norm(config))
     train_file, test_file = _require(config, "train_file", "grounding"), _require(config, "test_file", "grounding")
     train = grounding_dataset(train_file, train_tf, root, mode="train", skip_bad_images=skip)
     test = grounding_dataset(test_file, test_tf, root, mode="test", skip_bad_images=skip)

@@ -1,4 +1,7 @@
-"""Image transforms of the official ALBEF pipelines (CLIP normalisation, bicubic resampling, RandomAugment(2, 7))."""
+"""Image transforms of the official ALBEF pipelines (CLIP normalisation, bicubic resampling, RandomAugment(2, 7)).
+
+`normalize` selects the last step: 'clip' (ALBEF, the default) or 'half' (mean = std = 0.5 per channel, VLMo's
+`square_transform`, spec VLMo.md 13.3), chosen by the config key `image_norm` (dataset/__init__.py)."""
 
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -7,15 +10,20 @@ from dataset.randaugment import DEFAULT_AUGS, RandomAugment
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN = HALF_STD = (0.5, 0.5, 0.5)
 TRANSFORM_KINDS = ("pretrain", "train", "grounding_train", "test")
+NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "half": (HALF_MEAN, HALF_STD)}
 
 # RandomResizedCrop scale ranges of the two cropping pipelines.
 _CROP_SCALE = {"pretrain": (0.2, 1.0), "train": (0.5, 1.0)}
 
 
-def _normalize_tail() -> list:
-    """ToTensor followed by CLIP normalisation, shared by every pipeline."""
-    return [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+def _normalize_tail(normalize: str = "clip") -> list:
+    """ToTensor followed by the `normalize` normalisation (CLIP by default), shared by every pipeline."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"image normalisation {normalize!r} unknown; use one of {sorted(NORMALIZATIONS)}")
+    mean, std = NORMALIZATIONS[normalize]
+    return [T.ToTensor(), T.Normalize(mean, std)]
 
 
 def _augment_head(randaugment_fixes: bool) -> list:
@@ -24,24 +32,25 @@ def _augment_head(randaugment_fixes: bool) -> list:
 
 
 def build_transform(
-    kind: str, image_res: int, crop_min_scale: float | None = None, randaugment_fixes: bool = False
+    kind: str, image_res: int, crop_min_scale: float | None = None, randaugment_fixes: bool = False,
+    normalize: str = "clip",
 ) -> T.Compose:
     """Build the `kind` pipeline (pretrain | train | grounding_train | test) at `image_res` pixels.
 
     `crop_min_scale` (config key, default: the official 0.2 / 0.5) lowers the crop strength for small synthetic
     pictures whose objects a 20% crop would cut away. `randaugment_fixes` (config flag, default False: the official
     AutoContrast and Sharpness arithmetic) selects the intended clipped ops; see docs/QUIRKS.md. The test pipeline
-    has no RandomAugment and ignores it.
+    has no RandomAugment and ignores it. `normalize`: 'clip' (ALBEF) or 'half' (mean = std = 0.5, VLMo).
     """
     square = (image_res, image_res)
     if kind in _CROP_SCALE:
         scale = _CROP_SCALE[kind] if crop_min_scale is None else (float(crop_min_scale), 1.0)
         crop = T.RandomResizedCrop(image_res, scale=scale, interpolation=InterpolationMode.BICUBIC)
-        return T.Compose([crop, *_augment_head(randaugment_fixes), *_normalize_tail()])
+        return T.Compose([crop, *_augment_head(randaugment_fixes), *_normalize_tail(normalize)])
     if kind == "grounding_train":
         resize = T.Resize(square, interpolation=InterpolationMode.BICUBIC)
-        return T.Compose([resize, *_augment_head(randaugment_fixes), *_normalize_tail()])
+        return T.Compose([resize, *_augment_head(randaugment_fixes), *_normalize_tail(normalize)])
     if kind == "test":
         # Squashes to a square without keeping the aspect ratio, as the official test transform does.
-        return T.Compose([T.Resize(square, interpolation=InterpolationMode.BICUBIC), *_normalize_tail()])
+        return T.Compose([T.Resize(square, interpolation=InterpolationMode.BICUBIC), *_normalize_tail(normalize)])
     raise ValueError(f"build_transform (dataset/transforms.py): unknown kind {kind!r}; use one of {TRANSFORM_KINDS}")
