@@ -187,10 +187,12 @@ def _vlmo_tasks():
     """VLMo's task models; Pretrain.py runs stage 2 (`task: textmlm`) and stage 3. VLMo defines no SNLI-VE, grounding
     or NLVR2 TA-pretraining recipe, so those tasks are not registered and their scripts refuse `model: vlmo`."""
     from . import vlmo
+    from . import vlmo_tasks
     return {'pretrain': TaskSpec(vlmo.VLMoPretrain, vlmo.load_checkpoint),
             'retrieval': TaskSpec(vlmo.VLMoRetrieval, vlmo.load_checkpoint),
-            'vqa': TaskSpec(vlmo.VLMoVQA, vlmo.load_checkpoint),
-            'nlvr': TaskSpec(vlmo.VLMoNLVR, vlmo.load_checkpoint)}
+            'vqa': TaskSpec(vlmo_tasks.VLMoVQAFinetune, vlmo.load_checkpoint, make_step=vlmo_tasks.make_vqa_step,
+                            evaluate=vlmo_tasks.evaluate_vqa),
+            'nlvr': TaskSpec(vlmo_tasks.VLMoNLVRFinetune, vlmo.load_checkpoint)}
 
 
 register_family('vlmo', _vlmo_tasks())
