@@ -71,6 +71,7 @@ KIND_OF_FILE = {
     'test_ve_accuracy.py': 'unit',
     'test_ve_parity.py': 'parity',
     'test_vit.py': 'unit',
+    'test_vlmo_finetune.py': 'unit',
     'test_vlmo_model.py': 'unit',
     'test_vlmo_parity.py': 'parity',
     'test_vqa_checkpoint.py': 'parity',
