@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from dataset.collate import TEXT_SETTINGS, TextBatch, tokenize
 
-from . import losses
 from .vlmo import VLMoNLVR, VLMoVQA
 
 ANSWERS_PER_QUESTION = 10           # VQA v2 (and the synthetic world): 10 human answers per question
