@@ -212,10 +212,12 @@ def test_image_norm_switch_leaves_albef_on_clip(world):
 
 
 # ---- the scripts end to end ------------------------------------------------------------------------------------
-def run(script, config, out, root, checkpoint=None, **keys):
+def run(script, config, out, root, checkpoint=None, evaluate=False, **keys):
     argv = ['--config', os.path.join(CONFIGS, config), '--output_dir', str(out), '--device', 'cpu']
     if checkpoint:
         argv += ['--checkpoint', checkpoint]
+    if evaluate:
+        argv += ['--evaluate']
     argv += opts(max_steps_per_epoch=3, num_workers=0, log_every=1, **{'schedular.epochs': 1}, **keys)
     proc = run_script(script, argv, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -227,9 +229,10 @@ def run(script, config, out, root, checkpoint=None, **keys):
 def test_vqa_script_end_to_end(world, tmp_path):
     with open(world / 'answer_list.json') as f:
         labels = len(json.load(f))
-    metrics, _ = run('VQA.py', 'VQA_synthetic.yaml', tmp_path, world, train_file=f'[{world}/vqa_train.json]',
-                     test_file=f'[{world}/vqa_test.json]', answer_list=f'{world}/answer_list.json',
-                     vqa_root=str(world), vg_root=str(world), vqa_num_labels=labels)
+    data = dict(train_file=f'[{world}/vqa_train.json]', test_file=f'[{world}/vqa_test.json]',
+                answer_list=f'{world}/answer_list.json', vqa_root=str(world), vg_root=str(world),
+                vqa_num_labels=labels)
+    metrics, _ = run('VQA.py', 'VQA_synthetic.yaml', tmp_path, world, **data)
     assert metrics['model'] == 'vlmo' and metrics['task'] == 'vqa'
     with open(world / 'vqa_test.json') as f:
         questions = json.load(f)
@@ -240,6 +243,12 @@ def test_vqa_script_end_to_end(world, tmp_path):
     assert sorted(r['question_id'] for r in results) == sorted(q['question_id'] for q in questions)
     steps = [json.loads(line) for line in open(tmp_path / 'train_steps.jsonl')]
     assert len(steps) == 3 and all(s['loss'] == s['loss'] and s['loss'] > 0 for s in steps)
+    # --evaluate from the run's own checkpoint gives the same answers
+    again, out = run('VQA.py', 'VQA_synthetic.yaml', tmp_path / 'eval', world, evaluate=True,
+                     checkpoint=str(tmp_path / 'checkpoint_last.pth'), **data)
+    assert '0 missing keys' in out and again['evaluate_only']
+    with open(again['result_file']) as f:
+        assert json.load(f) == results
 
 
 @pytest.mark.e2e
