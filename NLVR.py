@@ -6,6 +6,7 @@ Several GPUs:  torchrun --nproc_per_node=8 NLVR.py --config configs/NLVR.yaml --
                    --output_dir output/NLVR
 Evaluate only: python NLVR.py --config configs/NLVR.yaml --checkpoint output/NLVR/checkpoint_best.pth --evaluate
 The checkpoint with the best dev accuracy is output_dir/checkpoint_best.pth; its test-P accuracy is the reported one.
+VLMo (configs/vlmo/NLVR_synthetic.yaml): the registry's NLVR2 model takes the same call (models/vlmo_tasks.py).
 """
 import torch
 

@@ -1,5 +1,6 @@
-"""ALBEF VQA fine-tuning: train the answer decoder, then rank the answer list for every test question and write
-the result file the evaluation server accepts.
+"""VQA fine-tuning: train the answer decoder (ALBEF), then rank the answer list for every test question and write
+the result file the evaluation server accepts. A model family with its own step and prediction (the registry's
+`make_step` / `evaluate` of the 'vqa' task: VLMo's answer classifier, models/vlmo_tasks.py) uses those instead.
 
 One process:   python VQA.py --config configs/VQA_synthetic.yaml --checkpoint PRETRAINED.pth --output_dir output/vqa
 Several GPUs:  torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --checkpoint ALBEF.pth --output_dir output/vqa
@@ -12,6 +13,7 @@ import engine
 import utils
 from dataset import build_collate_fn, create_dataset, create_loader, create_sampler, static_shape_options
 from evaluation.vqa_eval import check_results, dedup_results, ground_truth_answers, predict_answers, score_results
+from models import registry
 from models.tokenization import build_tokenizer
 
 
@@ -41,9 +43,13 @@ def predict_and_save(model, test_loader, tokenizer, config, args, epoch):
     """Rank the answer list for every test question, merge the ranks' results and score them if answers exist."""
     device = engine.device_of(args)
     dataset = test_loader.dataset
+    family_evaluate = registry.task_spec(config, 'vqa').evaluate
     with engine.autocast(device, config.get('precision', 'fp32')):
-        result = predict_answers(model, test_loader, dataset.answer_list, tokenizer, device, k=config['k_test'],
-                                 eos=config['eos'], show_progress=utils.is_main_process())
+        if family_evaluate is not None:  # the family's own prediction (VLMo: argmax of the answer classifier)
+            result = family_evaluate(model, test_loader, tokenizer, device, config)
+        else:
+            result = predict_answers(model, test_loader, dataset.answer_list, tokenizer, device, k=config['k_test'],
+                                     eos=config['eos'], show_progress=utils.is_main_process())
     path, merged = engine.save_result(result, os.path.join(args.output_dir, 'result'), f'vqa_result_epoch{epoch}',
                                       merge=dedup_results)
     if not utils.is_main_process():
@@ -57,6 +63,13 @@ def predict_and_save(model, test_loader, tokenizer, config, args, epoch):
     return record
 
 
+def last_epoch(config):
+    """The configured last epoch (a resumed run that had nothing left to train): `schedular.epochs` - 1, or the step
+    schedule's `schedule.epochs` - 1 (0 when only max_steps is given)."""
+    block = config.get('schedular') or config.get('schedule') or {}
+    return max(int(block.get('epochs') or 1) - 1, 0)
+
+
 def main(args):
     config = engine.setup(args)
     device = engine.device_of(args)
@@ -68,9 +81,11 @@ def main(args):
                                     text_decoder=decoder, tokenizer=tokenizer).to(device)
     epoch = 0
     if not args.evaluate:
-        result = engine.fit(args, config, model, train_loader, train_step, ramp_alpha=config.get('warm_up', True),
+        make_step = registry.task_spec(config, 'vqa').make_step  # None: ALBEF's step (the model's own forward)
+        step = train_step if make_step is None else make_step(config, device)
+        result = engine.fit(args, config, model, train_loader, step, ramp_alpha=config.get('warm_up', True),
                             train_sampler=train_sampler)
-        epoch = result.last['epoch'] if result.last else int(config['schedular']['epochs']) - 1
+        epoch = result.last['epoch'] if result.last else last_epoch(config)
     record = predict_and_save(model, test_loader, tokenizer, config, args, epoch)
     engine.print_json(record)
     engine.write_metrics(args, config, 'vqa', record, epoch=epoch, result_file=record.get('result_file'))

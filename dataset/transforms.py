@@ -15,10 +15,17 @@ TRANSFORM_KINDS = ("pretrain", "train", "grounding_train", "test")
 _CROP_SCALE = {"pretrain": (0.2, 1.0), "train": (0.5, 1.0)}
 
 
+NORMALIZATIONS = {"clip": CLIP, "half": (HALF, HALF)}
+
+
 def normalisation_of(config: dict) -> tuple:
-    """(mean, std) of a config's pipelines: mean = std = 0.5 for `model: vlmo` (VLMo's square transforms), the CLIP
-    statistics of the official ALBEF code for every other family."""
-    return (HALF, HALF) if config.get("model") == "vlmo" else CLIP
+    """(mean, std) of a config's pipelines, named by the config key `image_norm` ('clip' | 'half'); without it,
+    mean = std = 0.5 for `model: vlmo` (VLMo's square transforms, VLMo.md §13.3) and the CLIP statistics of the
+    official ALBEF code for every other family."""
+    name = config.get("image_norm") or ("half" if config.get("model") == "vlmo" else "clip")
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"config key image_norm: {name!r} unknown; use one of {sorted(NORMALIZATIONS)}")
+    return NORMALIZATIONS[name]
 
 
 def _normalize_tail(normalisation: tuple = CLIP) -> list:

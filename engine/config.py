@@ -44,6 +44,8 @@ _DATA_KEYS = {
     "vqa_root": Key(STR), "vg_root": Key(STR), "refcoco_data": Key(STR), "det_file": Key(STR),
     "coco_file": Key(STR), "skip_bad_images": Key(BOOL), "num_workers": Key(INT),
     "crop_min_scale": Key(NUM, nullable=True),
+    # the images' normalisation: clip (ALBEF, the default when absent) or half (mean = std = 0.5, VLMo spec 13.3)
+    "image_norm": Key(STR, ("clip", "half"), nullable=True),
     # WebDataset shards instead of train_file (dataset/shards.py): shard folder/index/tar patterns, samples per
     # epoch over all ranks (default: the index total) and the shuffle-buffer size
     "train_shards": Key(STR_OR_LIST, nullable=True), "shard_epoch_samples": Key(INT, nullable=True),

@@ -11,6 +11,7 @@ from engine.loop import autocast, evaluate_only, fit
 from engine.script import (build_task_model, device_of, eval_metrics, print_json, setup, text_weights, train_loader,
                            write_metrics)
 from evaluation.classification import make_evaluate
+from models import registry
 
 
 def pretrain_loader(config, args, tokenizer):
@@ -107,8 +108,11 @@ def run_classification(args, task, unpack, *, ramp_default, names, keeps_initial
     evaluate = make_evaluate(unpack, {'val': loaders.val, 'test': loaders.test}, device,
                              lambda: autocast(device, config['precision']))
 
+    make_step = registry.task_spec(config, task).make_step  # None: the model's forward (ALBEF's call signature)
+    step = classification_step(unpack) if make_step is None else make_step(config, device)
+
     def train():
-        return fit(args, config, model, loaders.train, classification_step(unpack), evaluate_fn=evaluate,
+        return fit(args, config, model, loaders.train, step, evaluate_fn=evaluate,
                    select_key='val_acc', ramp_alpha=config.get('warm_up', ramp_default),
                    train_sampler=loaders.train_sampler)
 

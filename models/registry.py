@@ -198,7 +198,7 @@ def _vlmo_tasks():
     or NLVR2 TA-pretraining recipe, so those tasks are not registered and their scripts refuse `model: vlmo`."""
     from optim.vlmo import vlmo_param_groups  # the four groups of VLMo spec section 12.1 (heads at lr_mult_heads)
 
-    from . import vlmo, vlmo_retrieval
+    from . import vlmo, vlmo_retrieval, vlmo_tasks
 
     def spec(model_class, **hooks):
         return TaskSpec(model_class, vlmo.load_checkpoint, optimizer_groups=vlmo_param_groups, **hooks)
@@ -206,8 +206,9 @@ def _vlmo_tasks():
     return {'pretrain': spec(vlmo.VLMoPretrain),
             'retrieval': spec(vlmo.VLMoRetrieval, make_step=vlmo_retrieval.make_retrieval_step,
                               evaluate=vlmo_retrieval.dual_encoder_scores),
-            'vqa': spec(vlmo.VLMoVQA),
-            'nlvr': spec(vlmo.VLMoNLVR)}
+            'vqa': spec(vlmo_tasks.VLMoVQAFinetune, make_step=vlmo_tasks.make_vqa_step,
+                        evaluate=vlmo_tasks.evaluate_vqa),
+            'nlvr': spec(vlmo_tasks.VLMoNLVRFinetune)}
 
 
 register_family('vlmo', _vlmo_tasks())
