@@ -119,9 +119,10 @@ def build_stand_in(config: dict, cell_weight: float) -> BEiTStandIn:
 
 def train_beit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3,
                weight_decay: float = 0.05, warmup_epochs: float = 1.0, seed: int = 0, cell_weight: float = 1.0,
-               log=print) -> dict:
+               log=print, metrics: Optional[dict] = None) -> dict:
     """Train the config's VLMo image tower on the attribute labels (and, with `cell_weight` > 0, the per-cell
-    labels); returns the BEiT-format state dict."""
+    labels); returns the BEiT-format state dict. `metrics`, when given, receives the label accuracies of the train
+    and held-out pictures and those of answering "absent" everywhere (`test_colours`, `test_colours_absent`, ...)."""
     torch.manual_seed(seed)
     pictures, labels, _, cells = load_training_pictures(root, config['image_res'])
     model = build_stand_in(config, cell_weight)
@@ -169,6 +170,10 @@ def train_beit(config: dict, root: str, epochs: int = 4, batch_size: int = 64, l
             outs = [model(normalise(held_pictures[i:i + 256])) for i in range(0, len(held_pictures), 256)]
         probe = torch.cat([o[0] for o in outs])
         correct, absent = ((probe > 0) == held_labels.bool()).float(), (held_labels == 0).float()
+        if metrics is not None:
+            for name, cols in groups.items():
+                key = f"{prefix.rstrip('_')}_{name.replace(' ', '_').replace('-', '_')}"
+                metrics[key], metrics[key + '_absent'] = correct[:, cols].mean().item(), absent[:, cols].mean().item()
         log(f'{prefix}* pictures, label accuracy (answering "absent" everywhere): ' + ', '.join(
             f'{name} {correct[:, cols].mean():.3f} ({absent[:, cols].mean():.3f})' for name, cols in groups.items()))
         if model.cells is not None:

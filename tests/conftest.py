@@ -74,6 +74,7 @@ KIND_OF_FILE = {
     'test_vlmo_beit.py': 'unit',
     'test_vlmo_engine.py': 'unit',
     'test_vlmo_finetune.py': 'e2e',
+    'test_vlmo_learning.py': 'learning',
     'test_vlmo_model.py': 'unit',
     'test_vlmo_parity.py': 'parity',
     'test_vlmo_retrieval.py': 'unit',
