@@ -6,15 +6,11 @@ Chance R@1 on the 150 held-out pictures (about 3 captions each) is 1/150 = 0.67%
 (1 CPU thread, seed 42): before training txt/img R@1 0.7 / 0.7, r_mean 3.3; after 160 steps txt/img R@1 10.7 / 9.9,
 R@5 38.7 / 47.2, r_mean 37.1. The margins below are a third of those, so a different CPU's rounding cannot flip them.
 """
-import json
 import os
 
+from tests.helpers import read_log, read_steps
+
 CHANCE_R1 = 100.0 / 150
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line) for line in f if line.startswith('{')]
 
 
 def test_zero_shot_retrieval_on_held_out_pairs_far_above_chance(tiny_pretrained):
@@ -37,8 +33,7 @@ def test_losses_fall(tiny_pretrained):
     assert last['train_loss_mlm'] < first['train_loss_mlm'] - 0.8
     assert last['train_loss_ita'] < first['train_loss_ita']
     assert last['train_loss_itm'] < first['train_loss_itm']
-    with open(os.path.join(tiny_pretrained.output_dir, 'train_steps.jsonl')) as f:
-        steps = [json.loads(line) for line in f]
+    steps = read_steps(tiny_pretrained.output_dir)
     assert steps[-1]['loss_mlm'] < steps[0]['loss_mlm'] - 2.0  # measured 10.00 -> 6.80
     assert all(s['samples_per_s'] > 0 for s in steps)
 
