@@ -44,12 +44,10 @@ def fuses_from_ids(model):
 @torch.no_grad()
 def extract_features(model, image_loader, texts, tokenizer, device):
     """Encode every caption (fixed length 30, chunks of 256) and every image (loader order, no shuffle)."""
-    text_feats, text_masks, text_embeds = extract_text_features(model, texts, tokenizer, device)
+    text = extract_text_features(model, texts, tokenizer, device, with_ids=fuses_from_ids(model))
+    text_feats, text_masks, text_embeds = text[:3]
+    text_ids = text[3] if len(text) == 4 else None  # the ids of a model whose ITM pass reads them (SIMLA)
     image_feats, image_embeds = extract_image_features(model, image_loader, device)
-    text_ids = None
-    if fuses_from_ids(model):  # the same tokenisation as extract_text_features
-        text_ids = tokenizer(list(texts), padding='max_length', truncation=True, max_length=text_feats.shape[1],
-                             return_tensors='pt').input_ids.to(device)
     return RetrievalFeatures(image_feats, image_embeds, text_feats, text_masks, text_embeds, text_ids)
 
 

@@ -14,10 +14,11 @@ def text_backbone(model):
 
 
 @torch.no_grad()
-def extract_text_features(model, texts, tokenizer, device, batch_size=256, max_length=30):
-    """Text-mode states [Nt, 30, D], masks and normalised ITC embeddings of every caption (padded to 30)."""
+def extract_text_features(model, texts, tokenizer, device, batch_size=256, max_length=30, with_ids=False):
+    """Text-mode states [Nt, 30, D], masks and normalised ITC embeddings of every caption (padded to 30); with
+    `with_ids`, also the token ids [Nt, 30] (for a model whose fusion pass reads them)."""
     bert = text_backbone(model)
-    feats, masks, embeds = [], [], []
+    feats, masks, embeds, all_ids = [], [], [], []
     for start in range(0, len(texts), batch_size):
         tok = tokenizer(texts[start:start + batch_size], padding='max_length', truncation=True,
                         max_length=max_length, return_tensors='pt')
@@ -25,8 +26,10 @@ def extract_text_features(model, texts, tokenizer, device, batch_size=256, max_l
         out = bert(ids, attention_mask=mask, return_dict=True, mode='text').last_hidden_state
         feats.append(out)
         masks.append(mask)
+        all_ids.append(ids)
         embeds.append(F.normalize(model.text_proj(out[:, 0, :]).float(), dim=-1))
-    return torch.cat(feats), torch.cat(masks), torch.cat(embeds)
+    result = (torch.cat(feats), torch.cat(masks), torch.cat(embeds))
+    return result + (torch.cat(all_ids),) if with_ids else result
 
 
 @torch.no_grad()
