@@ -264,14 +264,20 @@ def classifier(dim_in, hidden, out):
     return nn.Sequential(nn.Linear(dim_in, hidden), nn.LayerNorm(hidden, eps=1e-5), nn.GELU(), nn.Linear(hidden, out))
 
 
-def gather_local_first(x):
-    """All-gather without gradient, ordered [local block ; other ranks in rank order]; identity at world size 1
-    (the local block keeps its gradient; docs/README_vlmo.md, ITC)."""
+def gather_local_first(x, with_grad=False):
+    """All-gather ordered [local block ; other ranks in rank order]; identity at world size 1. The official gather
+    carries no gradient to the other ranks' blocks (the local block keeps its own; docs/README_vlmo.md, ITC);
+    `with_grad` (config `itc.gather_with_grad`, not official) sends every rank's gradient back to the block's owner,
+    which makes each rank's feature gradient W times the official one."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
     rank = dist.get_rank()
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+        parts = all_gather_with_grad(x.contiguous())
+    else:
+        parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.detach().contiguous())
     return torch.cat([x] + [p for r, p in enumerate(parts) if r != rank], dim=0)
 
 
@@ -307,6 +313,7 @@ class VLMo(nn.Module):
         self.itc_weight = float(weights.get('itc', 1.0))
         self.itm_weight = float(weights.get('itm', 1.0))
         self.vl_branch = bool((config.get('itc') or {}).get('vl_branch', True))
+        self.gather_with_grad = bool((config.get('itc') or {}).get('gather_with_grad', False))
         # stage 2 has no VL expert: the official code forces the start index to the depth for text-only MLM
         vlffn_start = depth if task == 'textmlm' else arch['vlffn_start_layer_index']
         self.grid = self.image_res // arch['patch_size']
@@ -470,12 +477,13 @@ class VLMo(nn.Module):
     def compute_itc(self, image, text_ids, text_masks):
         img = self.infer_image(image)
         txt = self.infer_text(text_ids, text_masks)
-        fi, ft = gather_local_first(img['cls_feats']), gather_local_first(txt['cls_feats'])
+        g = self.gather_with_grad
+        fi, ft = gather_local_first(img['cls_feats'], g), gather_local_first(txt['cls_feats'], g)
         i2t, t2i, main = losses.vlmo_contrastive(fi, ft, self.logit_scale)
         out = {'itc_main_loss': main, 'itc_i2t_logits': i2t, 'itc_t2i_logits': t2i,
                'itc_vl_loss': None, 'itc_vl_i2t_logits': None, 'itc_vl_t2i_logits': None}
         if self._with_vl():
-            gi, gt = gather_local_first(img['cls_vlffn_feats']), gather_local_first(txt['cls_vlffn_feats'])
+            gi, gt = gather_local_first(img['cls_vlffn_feats'], g), gather_local_first(txt['cls_vlffn_feats'], g)
             vi2t, vt2i, vl = losses.vlmo_contrastive(gi, gt, self.logit_vl_scale)
             out.update(itc_vl_loss=vl, itc_vl_i2t_logits=vi2t, itc_vl_t2i_logits=vt2i)
             out['itc_loss'] = 0.5 * (main + vl)
@@ -518,8 +526,8 @@ class VLMo(nn.Module):
         return out
 
     def compute_irtr(self, image, text_ids, text_masks):
-        fi = gather_local_first(self.infer_image(image)['cls_feats'])
-        ft = gather_local_first(self.infer_text(text_ids, text_masks)['cls_feats'])
+        fi = gather_local_first(self.infer_image(image)['cls_feats'], self.gather_with_grad)
+        ft = gather_local_first(self.infer_text(text_ids, text_masks)['cls_feats'], self.gather_with_grad)
         i2t, t2i, loss = losses.vlmo_contrastive(fi, ft, self.logit_scale)
         return {'irtr_loss': loss, 'irtr_i2t_logits': i2t, 'irtr_t2i_logits': t2i}
 
