@@ -55,6 +55,13 @@ def _fixes(config) -> bool:
     return bool(config.get("randaugment_fixes", False))
 
 
+def caption_sampling_of(config) -> str:
+    """How a pretraining item with a caption list is read: config `data.caption_sampling`, else 'per_caption' for
+    `model: vlmo` (one sample per caption, VLMo.md §13.2) and 'random' (ALBEF's per-access choice) otherwise."""
+    chosen = (config.get("data") or {}).get("caption_sampling")
+    return chosen or ("per_caption" if config.get("model") == "vlmo" else "random")
+
+
 def _train_test_transforms(config):
     """The fine-tuning training transform (random crop, flip, RandomAugment) and the test transform."""
     norm = normalisation_of(config)
@@ -98,7 +105,8 @@ def _pretrain_splits(config, skip: bool) -> DatasetSplits:
         )
         return DatasetSplits(train, None, None)
     train = pretrain_dataset(
-        _require(config, "train_file", "pretrain"), transform, config.get("image_root", ""), skip_bad_images=skip
+        _require(config, "train_file", "pretrain"), transform, config.get("image_root", ""), skip_bad_images=skip,
+        caption_sampling=caption_sampling_of(config),
     )
     return DatasetSplits(train, None, None)
 
@@ -304,6 +312,7 @@ __all__ = [
     "VQACollator",
     "build_collate_fn",
     "build_transform",
+    "caption_sampling_of",
     "create_dataset",
     "create_loader",
     "create_sampler",

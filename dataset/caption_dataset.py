@@ -12,6 +12,18 @@ class pretrain_dataset(AnnotationDataset):
     Images are opened lazily in `__getitem__`."""
 
     REQUIRED_KEYS = ("image", "caption")
+    CAPTION_SAMPLING = ("random", "per_caption")
+
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False,
+                 caption_sampling="random"):
+        """`caption_sampling`: 'random' (ALBEF: one item per picture, a caption list sampled anew on every access) or
+        'per_caption' (VLMo: one item per caption, so a picture with n captions is seen n times per epoch)."""
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images)
+        if caption_sampling not in self.CAPTION_SAMPLING:
+            raise ValueError(f"data.caption_sampling: {caption_sampling!r} unknown; use one of {self.CAPTION_SAMPLING}")
+        if caption_sampling == "per_caption":
+            self.ann = [{**ann, "caption": caption} for ann in self.ann
+                        for caption in (ann["caption"] if isinstance(ann["caption"], list) else [ann["caption"]])]
 
     def load_item(self, index: int):
         """Return (image tensor, cleaned caption); a caption list is sampled anew on every access."""

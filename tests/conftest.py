@@ -72,6 +72,7 @@ KIND_OF_FILE = {
     'test_ve_parity.py': 'parity',
     'test_vit.py': 'unit',
     'test_vlmo_beit.py': 'unit',
+    'test_vlmo_data.py': 'unit',
     'test_vlmo_distributed.py': 'e2e',
     'test_vlmo_engine.py': 'unit',
     'test_vlmo_finetune.py': 'e2e',
