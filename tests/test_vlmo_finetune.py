@@ -91,6 +91,14 @@ def test_vqa_targets_from_the_shared_batch(tokenizer):
     assert torch.allclose(targets, expected)
 
 
+def test_the_worked_example_of_the_spec(tokenizer):
+    """VLMo.md §17.2 item 13: answers {"2" x4, "two" x3, "3" x3}, vocabulary {"2", "3"} -> {2: 1.0, 3: 0.9}."""
+    targets_of = VQATargets(['2', '3'], tokenizer)
+    batch = VQACollator(tokenizer)([vqa_item(['2'] * 4 + ['two'] * 3 + ['3'] * 3)])
+    targets, keep = targets_of(batch[2], batch[3], batch[4])
+    assert keep.tolist() == [True] and torch.allclose(targets, torch.tensor([[1.0, 0.9]]))
+
+
 def test_vocabulary_size_mismatch_is_refused(tmp_path, tokenizer):
     path = write_answers(tmp_path)
     config = {'model': 'vlmo', 'answer_list': path, 'vqa_num_labels': 5}
