@@ -156,11 +156,13 @@ def require_task(args, task):
 
 
 def build_task_model(config, task, args, **kwargs):
-    """The config's model family's `task` model (models/registry.py), started from --checkpoint unless resuming."""
+    """The config's model family's `task` model (models/registry.py), started from --checkpoint (or the file the
+    family's config names, TaskSpec.init_checkpoint) unless resuming."""
     spec = registry.task_spec(config, task)
     model = spec.build(config, **kwargs)
-    if args.checkpoint and args.resume is None:
-        spec.load_checkpoint(model, args.checkpoint, config)
+    start = args.checkpoint or (spec.init_checkpoint(config) if spec.init_checkpoint else None)
+    if start and args.resume is None:
+        spec.load_checkpoint(model, start, config)
     return model
 
 

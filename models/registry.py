@@ -33,12 +33,15 @@ class TaskSpec:
         score matrices that the script's recall computation reads (VLMo: the dual-encoder scores); vqa
         `(model, loader, tokenizer, device, config) -> [{'question_id': int, 'answer': str}, ...]` for this rank's
         questions (VLMo: argmax of the answer classifier).
+    init_checkpoint: None or `config -> path | None`, the file a run starts from when no --checkpoint is given (VLMo's
+        `vlmo.init.*` keys); a configured path that does not exist raises, naming the key.
     """
     model_class: type
     load_checkpoint: Callable
     optimizer_groups: Optional[Callable] = None
     make_step: Optional[Callable] = None
     evaluate: Optional[Callable] = None
+    init_checkpoint: Optional[Callable] = None
 
     def build(self, config, **kwargs):
         """`model_class(config=config, **kwargs)` (kwargs: text_encoder, tokenizer, init_deit, ...)."""
@@ -184,7 +187,7 @@ def _albef_refusing_simla():
     """The ALBEF family's rules, each first refusing a SIMLA checkpoint (the ALBEF path is otherwise unchanged)."""
     from .simla.checkpoint import refusing
     return {task: TaskSpec(s.model_class, refusing('albef', s.load_checkpoint), s.optimizer_groups, s.make_step,
-                           s.evaluate)
+                           s.evaluate, s.init_checkpoint)
             for task, s in _FAMILIES['albef'].items()}
 
 
@@ -201,7 +204,8 @@ def _vlmo_tasks():
     from . import vlmo, vlmo_retrieval, vlmo_tasks
 
     def spec(model_class, **hooks):
-        return TaskSpec(model_class, vlmo.load_checkpoint, optimizer_groups=vlmo_param_groups, **hooks)
+        return TaskSpec(model_class, vlmo.load_checkpoint, optimizer_groups=vlmo_param_groups,
+                        init_checkpoint=vlmo.init_checkpoint, **hooks)
 
     return {'pretrain': spec(vlmo.VLMoPretrain),
             'retrieval': spec(vlmo.VLMoRetrieval, make_step=vlmo_retrieval.make_retrieval_step,

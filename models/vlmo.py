@@ -629,6 +629,22 @@ class VLMoNLVR(_EngineTask):
     engine_task = 'nlvr'
 
 
+def init_checkpoint(config):
+    """The start file a VLMo config names in `vlmo.init` (`beit_checkpoint` for stage 2, `stage2_checkpoint` for
+    stage 3, `pretrained` for fine-tuning; --checkpoint takes precedence), or None; a named file that does not exist
+    raises, naming the key."""
+    import os
+    named = {k: v for k, v in ((config.get('vlmo') or {}).get('init') or {}).items() if v}
+    if len(named) > 1:
+        raise ValueError(f'vlmo.init names several start files ({", ".join(sorted(named))}); keep one')
+    for key, path in named.items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'vlmo.init.{key}: {path} does not exist; give the local path of the checkpoint '
+                                    f'(nothing is downloaded), or set vlmo.init.{key}: null and pass --checkpoint')
+        return path
+    return None
+
+
 def load_checkpoint(model, path, config):
     """The registry's start-from-a-file rule: read `path` weights-only and apply the conversion rules."""
     from .checkpoint import load_checkpoint_file

@@ -68,3 +68,26 @@ def test_vlmo_pipelines_normalise_with_one_half_and_albef_keeps_clip():
         vlmo = build_transform(kind, 32, normalisation=normalisation_of({'model': 'vlmo'})).transforms[-1]
         assert tuple(albef.mean) == CLIP_MEAN and tuple(albef.std) == CLIP_STD
         assert tuple(vlmo.mean) == (0.5,) * 3 and tuple(vlmo.std) == (0.5,) * 3
+
+
+def test_stage_two_starts_from_the_file_its_config_names(tmp_path):
+    """vlmo.init.beit_checkpoint: the start file when no --checkpoint is given; a missing one names the key."""
+    import types
+
+    import pytest
+
+    from engine.script import build_task_model
+    from models.vlmo import init_checkpoint
+    beit = tmp_path / 'beit.pth'
+    stand_in = perturbed_stand_in()
+    torch.save({'model': stand_in.beit_state_dict()}, beit)
+    config = {**CONFIG, 'task': 'textmlm', 'vlmo': {**CONFIG['vlmo'], 'init': {'beit_checkpoint': str(beit)}}}
+    assert init_checkpoint(config) == str(beit)
+    args = types.SimpleNamespace(checkpoint=None, resume=None)
+    model = build_task_model(config, 'pretrain', args)
+    trained = stand_in.vlmo.transformer.blocks[1].mlp_imag.fc1.weight
+    assert torch.equal(model.transformer.blocks[1].mlp_imag.fc1.weight, trained)
+    assert init_checkpoint({**CONFIG, 'vlmo': {**CONFIG['vlmo'], 'init': {'pretrained': None}}}) is None
+    missing = {**CONFIG, 'vlmo': {**CONFIG['vlmo'], 'init': {'stage2_checkpoint': str(tmp_path / 'nope.pth')}}}
+    with pytest.raises(FileNotFoundError, match=r'vlmo\.init\.stage2_checkpoint: .*nope\.pth does not exist'):
+        build_task_model({**missing, 'task': 'pretrain'}, 'pretrain', args)
