@@ -300,3 +300,53 @@ def test_meta_build_with_the_project_tokenizer_marks_word_pieces():
         m = VLMo(config=full_config('pretrain', 224), task='pretrain', tokenizer=tok)
     assert m.subword.device.type == 'cpu' and int(m.subword.sum()) > 1000
     assert not bool(m.subword[tok.convert_tokens_to_ids('the')]) and bool(m.subword[tok.convert_tokens_to_ids('##s')])
+
+
+def test_whole_word_masking_over_100_seeded_batches_follows_the_collator_rule():
+    """VLMo.md §3.2 on 100 seeded batches of fixed-length (L = 40) captions, the form of §17.2 item 8 available without
+    transformers 4.8.1 (no golden file can be made here: transformers 5 has no DataCollatorForWholeWordMask): k = 6
+    positions are drawn whatever the caption length, padding included; special tokens and padding are then unselected,
+    so a row masks 0-6 real word-pieces, never [CLS]/[SEP]/[PAD], whole words only; of the selected positions about
+    80 % become [MASK], 10 % a random id, 10 % stay; labels hold the original ids there and -100 elsewhere."""
+    import random
+    L, vocab = 40, 60
+    subword = torch.zeros(vocab, dtype=torch.bool)
+    subword[50:] = True                                    # ids 50..59 are '##' pieces
+    g = torch.Generator().manual_seed(7)
+    counts = {'mask': 0, 'random': 0, 'kept': 0}
+    real_total, selected_total, rows_without = 0, 0, 0
+    for seed in range(100):
+        ids = torch.zeros(8, L, dtype=torch.long)
+        for b in range(8):
+            n = int(torch.randint(3, L - 1, (1,), generator=g))  # real word-pieces of this caption
+            pieces = torch.randint(10, 50, (n,), generator=g)
+            cont = torch.rand(n, generator=g) < 0.3             # about 30 % of the pieces continue a word
+            pieces[cont] = 50 + pieces[cont] % 10
+            pieces[0] = pieces[0] % 40 + 10                     # a caption starts a word
+            ids[b, :n + 2] = torch.cat([torch.tensor([101]), pieces, torch.tensor([102])])
+        random.seed(seed)
+        torch.manual_seed(seed)
+        masked, labels = losses.vlmo_whole_word_mask(ids, subword, (101, 102, 0, 100, 103), 103, vocab)
+        sel = labels != -100
+        real = (ids != 0) & (ids != 101) & (ids != 102)
+        assert not (sel & ~real).any()                      # never [CLS], [SEP] or [PAD]
+        assert int(sel.sum(1).max()) <= 6                   # k = round(0.15 * 40) = 6 per caption
+        assert torch.equal(labels[sel], ids[sel]) and (labels[~sel] == -100).all()
+        assert torch.equal(masked[~sel], ids[~sel])         # unselected positions are untouched
+        for b in range(8):                                  # a word's pieces are selected together
+            for i in range(2, L):
+                if real[b, i] and bool(subword[ids[b, i]]):
+                    assert bool(sel[b, i]) == bool(sel[b, i - 1]), (seed, b, i)
+        counts['mask'] += int((masked[sel] == 103).sum())
+        counts['kept'] += int((masked[sel] == ids[sel]).sum())
+        counts['random'] += int(((masked[sel] != 103) & (masked[sel] != ids[sel])).sum())
+        real_total, selected_total = real_total + int(real.sum()), selected_total + int(sel.sum())
+        rows_without += int((sel.sum(1) == 0).sum())
+    total = sum(counts.values())
+    assert total == selected_total and total > 1500
+    assert abs(counts['mask'] / total - 0.8) < 0.04
+    # a random id equal to the original counts as kept: expected 0.1 * (1 - 1/vocab) and 0.1 * (1 + ...)
+    assert abs(counts['random'] / total - 0.1) < 0.03 and abs(counts['kept'] / total - 0.1) < 0.03
+    # k = 6 drawn among all 38 non-[CLS]/[SEP] positions: about 6 / 38 of the real pieces end up selected
+    assert abs(selected_total / real_total - 6 / 38) < 0.03
+    assert rows_without > 0  # short captions can draw only padding (k comes from the padded length, not the caption)
