@@ -190,10 +190,11 @@ _VLMO_BLOCKS: dict[str, dict[str, Key]] = {
     "itc": {"vl_branch": Key(BOOL), "gather_with_grad": Key(BOOL)},
     "mlm": {"masking": Key(STR, ("wwm", "token")), "probability": Key(NUM)},
     "retrieval": {"mode": Key(STR, ("dual", "dual_rerank"))},
-    # per-optimizer-step linear warm-up then polynomial decay (engine/loop.py fit, scheduler.StepScheduler):
+    # per-optimizer-step linear warm-up then polynomial decay, or half a cosine with sched: cosine (the official
+    # decay_power: cosine) (engine/loop.py fit, scheduler.StepScheduler):
     # warmup_steps a float = a fraction of the total; max_steps null = epoch-based (total = micro-batches per epoch x
     # epochs // accumulation); epochs = the number of epochs then, else at most that many (official max_epoch)
-    "schedule": {"sched": Key(STR, ("linear",)), "max_steps": Key(INT, nullable=True), "warmup_steps": Key(NUM),
+    "schedule": {"sched": Key(STR, ("linear", "cosine")), "max_steps": Key(INT, nullable=True), "warmup_steps": Key(NUM),
                  "end_lr": Key(NUM), "power": Key(NUM), "epochs": Key(INT)},
     "data": {"caption_sampling": Key(STR, ("per_caption", "random")), "drop_last": Key(BOOL), "hflip": Key(BOOL),
              "crop_scale": Key(LIST)},

@@ -3,6 +3,8 @@
 Everything here keeps the official formulas and operation order. Similarities, softmaxes and cross-entropies
 are computed in fp32 even under bf16 autocast.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -228,6 +230,17 @@ def vlmo_lr_factor(step, max_steps, warmup_steps, power=1.0, end_factor=0.0):
         return end_factor
     remaining = 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return (1.0 - end_factor) * remaining ** power + end_factor
+
+
+def vlmo_cosine_lr_factor(step, max_steps, warmup_steps):
+    """Linear warm-up then half a cosine to 0 (the official `decay_power: cosine`, transformers 4.8.1
+    get_cosine_schedule_with_warmup with num_cycles 0.5) as a multiple of the base lr at optimiser step `step`.
+    As there, past `max_steps` the cosine is not clamped at 0 but continues (it rises again); the engine never
+    steps past `max_steps`."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def vlmo_whole_word_mask(input_ids, subword, special_ids, mask_token_id, vocab_size, probability=0.15,

@@ -122,20 +122,26 @@ def lr_at(config: dict, epoch: int, i: int = 0, step_size: int | None = None) ->
 
 
 # ---- the per-optimizer-step schedule (VLMo; config block `schedule`) ---------------------------------------------
+SCHEDULE_KINDS = ("linear", "cosine")  # official decay_power: a number (polynomial; 1 = linear) or "cosine"
+
 class StepScheduler:
     """Linear warm-up from 0, then polynomial decay to end_lr at `total_steps` (transformers'
-    get_polynomial_decay_schedule_with_warmup, VLMo spec section 12.2), driven per optimizer step.
+    get_polynomial_decay_schedule_with_warmup, VLMo spec section 12.2), or with `sched='cosine'` half a cosine to 0
+    (get_cosine_schedule_with_warmup: the official `decay_power: cosine`; end_lr and power are not read then),
+    driven per optimizer step.
 
     Every group's lr is its own base lr (the lr it had when the scheduler was built: heads keep their multiplier)
     times factor(s), s = optimizer steps taken so far; the first step uses factor(0) = 0. The factor is
     `models.losses.vlmo_lr_factor` with end factor end_lr / base_lr (base_lr: the optimizer's `lr`), as transformers
-    computes it from the optimizer's default lr.
+    computes it from the optimizer's default lr; `models.losses.vlmo_cosine_lr_factor` for the cosine.
     """
 
     per_optimizer_step = True  # engine/loop.py: step after every optimizer step, not by the epoch staircase
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, base_lr: float,
-                 end_lr: float = 0.0, power: float = 1.0):
+                 end_lr: float = 0.0, power: float = 1.0, sched: str = "linear"):
+        if sched not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule.sched must be one of {', '.join(SCHEDULE_KINDS)}, got {sched!r}")
         if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
             raise ValueError(f"schedule needs max_steps >= 1 and 0 <= warmup_steps <= max_steps, got {total_steps}, "
                              f"{warmup_steps}")
@@ -145,12 +151,15 @@ class StepScheduler:
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.base_lr, self.end_lr, self.power = float(base_lr), float(end_lr), float(power)
+        self.sched = sched
         self.optimizer_step = 0
         self._apply()
 
     def factor(self, s: int) -> float:
         """The multiple of each group's base lr that optimizer step s (0-based) uses."""
-        from models.losses import vlmo_lr_factor  # the schedule formula lives with VLMo's other formulas
+        from models.losses import vlmo_cosine_lr_factor, vlmo_lr_factor  # with VLMo's other formulas
+        if self.sched == "cosine":
+            return vlmo_cosine_lr_factor(s, self.total_steps, self.warmup_steps)
         return vlmo_lr_factor(s, self.total_steps, self.warmup_steps, self.power, self.end_lr / self.base_lr)
 
     def _apply(self) -> None:
@@ -172,7 +181,7 @@ class StepScheduler:
         """Everything but the optimizer; `optimizer_step` is the schedule's position (optimizer steps taken)."""
         return {"base_lrs": list(self.base_lrs), "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "base_lr": self.base_lr, "end_lr": self.end_lr, "power": self.power,
-                "optimizer_step": self.optimizer_step}
+                "optimizer_step": self.optimizer_step, "sched": self.sched}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the schedule and re-apply the lr of the next optimizer step."""
@@ -181,6 +190,7 @@ class StepScheduler:
                              "with a `schedule` block cannot resume from it")
         for key in ("base_lrs", "total_steps", "warmup_steps", "base_lr", "end_lr", "power", "optimizer_step"):
             setattr(self, key, state[key])
+        self.sched = state.get("sched", "linear")  # files written before the cosine existed
         self._apply()
 
 
@@ -194,8 +204,9 @@ def schedule_steps(config_schedule: dict, steps_per_epoch: int, accumulate: int)
     warmup_steps, else warmup_steps.
     """
     sched = config_schedule.get("sched", "linear")
-    if sched != "linear":
-        raise ValueError(f"schedule.sched must be 'linear' (warm-up then polynomial decay), got {sched!r}")
+    if sched not in SCHEDULE_KINDS:
+        raise ValueError(f"schedule.sched must be 'linear' (warm-up then polynomial decay) or 'cosine' (warm-up then "
+                         f"half a cosine to 0), got {sched!r}")
     if steps_per_epoch < 1:
         raise ValueError("schedule: the training loader has no batches")
     per_epoch = math.ceil(steps_per_epoch / accumulate)
@@ -223,5 +234,6 @@ def create_step_scheduler(config: dict, optimizer: torch.optim.Optimizer, steps_
     total, warmup, epochs = schedule_steps(config["schedule"], steps_per_epoch, accumulate)
     sched = config["schedule"]
     scheduler = StepScheduler(optimizer, total, warmup, float(config["optimizer"]["lr"]),
-                              float(sched.get("end_lr", 0.0)), float(sched.get("power", 1.0)))
+                              float(sched.get("end_lr", 0.0)), float(sched.get("power", 1.0)),
+                              sched.get("sched", "linear"))
     return scheduler, epochs

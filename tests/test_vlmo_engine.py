@@ -20,7 +20,7 @@ from models import registry
 from optim import create_optimizer
 from optim.adamw_hf import AdamWHF
 from optim.vlmo import vlmo_param_groups
-from scheduler import StepScheduler, create_scheduler, schedule_steps, warmup_step
+from scheduler import StepScheduler, create_scheduler, create_step_scheduler, schedule_steps, warmup_step
 
 torch.set_num_threads(1)
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'vlmo')
@@ -140,6 +140,40 @@ def test_step_scheduler_values_and_heads():
     sched.step()
     assert abs(optimizer.param_groups[0]['lr'] - 1.01266e-4) < 1e-9
     assert optimizer.param_groups[1]['lr'] == 20 * optimizer.param_groups[0]['lr']
+
+
+def test_cosine_schedule_is_the_official_decay_power_cosine():
+    """schedule.sched: cosine = transformers 4.8.1 get_cosine_schedule_with_warmup (num_cycles 0.5): the same
+    linear warm-up from 0, then 0.5 (1 + cos(pi p)) with p the fraction of the decay done; end_lr is not read."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([{'params': [model.weight], 'lr': 2e-4}, {'params': [model.bias], 'lr': 4e-3}],
+                                lr=2e-4)
+    config = {'optimizer': {'lr': 2e-4}, 'schedule': {'sched': 'cosine', 'max_steps': 200000, 'warmup_steps': 2500,
+                                                      'end_lr': 1e-5}}
+    sched, epochs = create_step_scheduler(config, optimizer, 1000, 1)
+    assert epochs == 200 and sched.get_last_lr() == [0.0, 0.0]
+    sched.step()
+    assert abs(sched.get_last_lr()[0] - 8e-8) < 1e-15  # the warm-up is the linear schedule's
+    seen = {}
+    for s in (2500, 2500 + 197500 // 4, 101250, 200000):
+        sched.optimizer_step = s - 1
+        seen[s] = sched.step()
+    assert seen[2500] == pytest.approx(2e-4, rel=1e-12)
+    assert seen[2500 + 197500 // 4] == pytest.approx(1e-4 * (1 + math.cos(math.pi * 49375 / 197500)), rel=1e-9)
+    assert seen[101250] == pytest.approx(1e-4, rel=1e-9)  # half-way through the decay: half the base lr
+    assert seen[200000] == pytest.approx(0.0, abs=1e-18)  # to 0, whatever end_lr says
+    assert optimizer.param_groups[1]['lr'] == pytest.approx(20 * optimizer.param_groups[0]['lr'], abs=1e-18)
+    # the linear schedule at the same point is another value: the switch is read
+    linear, _ = create_step_scheduler({**config, 'schedule': {**config['schedule'], 'sched': 'linear',
+                                                              'end_lr': 0}}, torch.optim.SGD(model.parameters(), lr=2e-4), 1000, 1)
+    linear.optimizer_step = 2500 + 197500 // 4 - 1
+    assert linear.step() == pytest.approx(1.5e-4, rel=1e-9)
+    # resume: the kind travels with the state dict
+    restored = StepScheduler(optimizer, 10, 0, 2e-4)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.sched == 'cosine' and restored.factor(101250) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match='cosine'):
+        schedule_steps({'sched': 'step', 'max_steps': 10}, 10, 1)
 
 
 def test_schedule_steps():
