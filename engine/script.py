@@ -155,12 +155,21 @@ def require_task(args, task):
         raise SystemExit(f'{args.config}: {err}') from None
 
 
+def start_checkpoint(config, task, args):
+    """The file a run starts from: --checkpoint, else the one the family's config names (TaskSpec.init_checkpoint,
+    e.g. VLMo's vlmo.init.*), else None."""
+    if args.checkpoint:
+        return args.checkpoint
+    spec = registry.task_spec(config, task)
+    return spec.init_checkpoint(config) if spec.init_checkpoint else None
+
+
 def build_task_model(config, task, args, **kwargs):
     """The config's model family's `task` model (models/registry.py), started from --checkpoint (or the file the
     family's config names, TaskSpec.init_checkpoint) unless resuming."""
     spec = registry.task_spec(config, task)
     model = spec.build(config, **kwargs)
-    start = args.checkpoint or (spec.init_checkpoint(config) if spec.init_checkpoint else None)
+    start = start_checkpoint(config, task, args)
     if start and args.resume is None:
         spec.load_checkpoint(model, start, config)
     return model
@@ -170,11 +179,12 @@ def build_task_model(config, task, args, **kwargs):
 def write_metrics(args, config, task, metrics, *, epoch, selected_by=None, **extra):
     """output_dir/metrics.json describing this run only: task, model, config, checkpoint, whether it only evaluated,
     the epoch the numbers come from (the best one where `selected_by` names the selection metric), the flat metrics
-    and any task-specific protocol fields (`extra`)."""
+    and any task-specific protocol fields (`extra`). `checkpoint` is the start file (--checkpoint, or the one the
+    config names: start_checkpoint), '' when the run started from random or --text_encoder weights."""
     if not utils.is_main_process():
         return None
     summary = {'task': task, 'model': registry.model_family(config), 'config': args.config,
-               'checkpoint': args.checkpoint or '', 'evaluate_only': bool(getattr(args, 'evaluate', False)),
+               'checkpoint': start_checkpoint(config, task, args) or '', 'evaluate_only': bool(getattr(args, 'evaluate', False)),
                'resumed_from': args.resume or None, 'epoch': epoch, 'selected_by': selected_by,
                'metrics': {k: v for k, v in metrics.items() if k != 'epoch' and isinstance(v, (int, float))}}
     summary.update(extra)

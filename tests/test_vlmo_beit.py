@@ -1,6 +1,7 @@
 """The BEiT stand-in of the synthetic VLMo recipe (synthetic/beit.py): the official BEiT checkpoint layout, its
 conversion into the stage-2 model with the official missing/unexpected sets, the same image tower on both sides, and
 VLMo's image normalisation (mean = std = 0.5) in the data pipeline, ALBEF's unchanged."""
+import json
 import re
 
 import torch
@@ -87,6 +88,11 @@ def test_stage_two_starts_from_the_file_its_config_names(tmp_path):
     model = build_task_model(config, 'pretrain', args)
     trained = stand_in.vlmo.transformer.blocks[1].mlp_imag.fc1.weight
     assert torch.equal(model.transformer.blocks[1].mlp_imag.fc1.weight, trained)
+    # metrics.json names the file the run started from, not '' (no --checkpoint was given)
+    from engine.script import write_metrics
+    args.output_dir, args.config = str(tmp_path), 'vlmo.yaml'
+    write_metrics(args, config, 'pretrain', {'loss': 1.0}, epoch=0)
+    assert json.loads((tmp_path / 'metrics.json').read_text())['checkpoint'] == str(beit)
     assert init_checkpoint({**CONFIG, 'vlmo': {**CONFIG['vlmo'], 'init': {'pretrained': None}}}) is None
     missing = {**CONFIG, 'vlmo': {**CONFIG['vlmo'], 'init': {'stage2_checkpoint': str(tmp_path / 'nope.pth')}}}
     with pytest.raises(FileNotFoundError, match=r'vlmo\.init\.stage2_checkpoint: .*nope\.pth does not exist'):
