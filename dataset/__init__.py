@@ -62,6 +62,13 @@ def caption_sampling_of(config) -> str:
     return chosen or ("per_caption" if config.get("model") == "vlmo" else "random")
 
 
+def raw_text_of(config) -> bool:
+    """Whether texts reach the tokenizer as written: config `data.text_cleaning: raw | albef`, else raw for
+    `model: vlmo` (VLMo.md 3.1: no pre_caption / pre_question, no word limit) and ALBEF's cleaning otherwise."""
+    chosen = (config.get("data") or {}).get("text_cleaning")
+    return (chosen or ("raw" if config.get("model") == "vlmo" else "albef")) == "raw"
+
+
 def _train_test_transforms(config):
     """The fine-tuning training transform (random crop, flip, RandomAugment) and the test transform."""
     norm = normalisation_of(config)
@@ -95,7 +102,11 @@ def _pretrain_transform(config):
 
 
 def _pretrain_splits(config, skip: bool) -> DatasetSplits:
-    """Pretraining (and TA pretraining) image-caption pairs: WebDataset shards when `train_shards` is set."""
+    """Pretraining (and TA pretraining) image-caption pairs: WebDataset shards when `train_shards` is set; VLMo's
+    stage-2 text lines (dataset/text_lines.py) when `text_files` is."""
+    if config.get("text_files"):
+        from dataset.text_lines import text_line_dataset
+        return DatasetSplits(text_line_dataset(config["text_files"]), None, None)
     transform = _pretrain_transform(config)
     if config.get("train_shards"):
         train = ShardedPretrainDataset(
@@ -106,7 +117,7 @@ def _pretrain_splits(config, skip: bool) -> DatasetSplits:
         return DatasetSplits(train, None, None)
     train = pretrain_dataset(
         _require(config, "train_file", "pretrain"), transform, config.get("image_root", ""), skip_bad_images=skip,
-        caption_sampling=caption_sampling_of(config),
+        caption_sampling=caption_sampling_of(config), raw_text=raw_text_of(config),
     )
     return DatasetSplits(train, None, None)
 
@@ -115,10 +126,11 @@ def _retrieval_splits(config, skip: bool) -> DatasetSplits:
     """COCO / Flickr30K retrieval: caption-level train set, image-level val and test sets."""
     root = _require(config, "image_root", "re")
     train_tf, test_tf = _train_test_transforms(config)
+    raw = raw_text_of(config)
     return DatasetSplits(
-        re_train_dataset(_require(config, "train_file", "re"), train_tf, root, skip_bad_images=skip),
-        re_eval_dataset(_require(config, "val_file", "re"), test_tf, root, skip_bad_images=skip),
-        re_eval_dataset(_require(config, "test_file", "re"), test_tf, root, skip_bad_images=skip),
+        re_train_dataset(_require(config, "train_file", "re"), train_tf, root, skip_bad_images=skip, raw_text=raw),
+        re_eval_dataset(_require(config, "val_file", "re"), test_tf, root, skip_bad_images=skip, raw_text=raw),
+        re_eval_dataset(_require(config, "test_file", "re"), test_tf, root, skip_bad_images=skip, raw_text=raw),
     )
 
 
@@ -129,9 +141,12 @@ def _vqa_splits(config, skip: bool) -> DatasetSplits:
     train_tf, test_tf = _train_test_transforms(config)
     train_file, test_file = _require(config, "train_file", "vqa"), _require(config, "test_file", "vqa")
     answer_list = _require(config, "answer_list", "vqa")
-    train = vqa_dataset(train_file, train_tf, vqa_root, vg_root, eos=eos, split="train", skip_bad_images=skip)
+    raw = raw_text_of(config)
+    train = vqa_dataset(train_file, train_tf, vqa_root, vg_root, eos=eos, split="train", skip_bad_images=skip,
+                        raw_text=raw)
     test = vqa_dataset(
-        test_file, test_tf, vqa_root, vg_root, eos=eos, split="test", answer_list=answer_list, skip_bad_images=skip
+        test_file, test_tf, vqa_root, vg_root, eos=eos, split="test", answer_list=answer_list, skip_bad_images=skip,
+        raw_text=raw,
     )
     return DatasetSplits(train, None, test)
 
@@ -140,10 +155,11 @@ def _three_split(dataset_class, task: str, config, skip: bool) -> DatasetSplits:
     """NLVR2 / SNLI-VE: train, val and test files under one image_root."""
     root = _require(config, "image_root", task)
     train_tf, test_tf = _train_test_transforms(config)
+    raw = {"raw_text": True} if raw_text_of(config) else {}  # only VLMo asks (it has NLVR2 but no SNLI-VE)
     return DatasetSplits(
-        dataset_class(_require(config, "train_file", task), train_tf, root, skip_bad_images=skip),
-        dataset_class(_require(config, "val_file", task), test_tf, root, skip_bad_images=skip),
-        dataset_class(_require(config, "test_file", task), test_tf, root, skip_bad_images=skip),
+        dataset_class(_require(config, "train_file", task), train_tf, root, skip_bad_images=skip, **raw),
+        dataset_class(_require(config, "val_file", task), test_tf, root, skip_bad_images=skip, **raw),
+        dataset_class(_require(config, "test_file", task), test_tf, root, skip_bad_images=skip, **raw),
     )
 
 

@@ -3,7 +3,6 @@
 import random
 
 from dataset.image_io import AnnotationDataset, join_root, load_image
-from dataset.text import pre_caption
 
 
 class pretrain_dataset(AnnotationDataset):
@@ -15,10 +14,10 @@ class pretrain_dataset(AnnotationDataset):
     CAPTION_SAMPLING = ("random", "per_caption")
 
     def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False,
-                 caption_sampling="random"):
+                 caption_sampling="random", raw_text=False):
         """`caption_sampling`: 'random' (ALBEF: one item per picture, a caption list sampled anew on every access) or
         'per_caption' (VLMo: one item per caption, so a picture with n captions is seen n times per epoch)."""
-        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images)
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images, raw_text=raw_text)
         if caption_sampling not in self.CAPTION_SAMPLING:
             raise ValueError(f"data.caption_sampling: {caption_sampling!r} unknown; use one of {self.CAPTION_SAMPLING}")
         if caption_sampling == "per_caption":
@@ -32,7 +31,7 @@ class pretrain_dataset(AnnotationDataset):
         if isinstance(caption, list):
             caption = random.choice(caption)
         image = load_image(join_root(self.image_root, ann["image"]), index)
-        return self.transform(image), pre_caption(caption, self.max_words)
+        return self.transform(image), self.clean_text(caption)
 
 
 def contiguous_ids(keys) -> dict:
@@ -49,16 +48,16 @@ class re_train_dataset(AnnotationDataset):
 
     REQUIRED_KEYS = ("image", "caption", "image_id")
 
-    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False, raw_text=False):
         """Read the annotations and number the image ids contiguously by first appearance."""
-        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images)
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images, raw_text=raw_text)
         self.img_ids = contiguous_ids(ann["image_id"] for ann in self.ann)
 
     def load_item(self, index: int):
         """Return (image tensor, cleaned caption, contiguous image index)."""
         ann = self.ann[index]
         image = load_image(join_root(self.image_root, ann["image"]), index)
-        caption = pre_caption(ann["caption"], self.max_words)
+        caption = self.clean_text(ann["caption"])
         return self.transform(image), caption, self.img_ids[ann["image_id"]]
 
 
@@ -71,9 +70,9 @@ class re_eval_dataset(AnnotationDataset):
 
     REQUIRED_KEYS = ("image", "caption")
 
-    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False):
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False, raw_text=False):
         """Read the annotations and build the flattened text list and both ground-truth maps."""
-        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images)
+        super().__init__(ann_file, transform, image_root, max_words, skip_bad_images, raw_text=raw_text)
         self.text, self.image, self.txt2img, self.img2txt = [], [], {}, {}
         for img_id, ann in enumerate(self.ann):
             self._add_image(img_id, ann)
@@ -90,7 +89,7 @@ class re_eval_dataset(AnnotationDataset):
         self.img2txt[img_id] = []
         for caption in captions:
             txt_id = len(self.text)
-            self.text.append(pre_caption(caption, self.max_words))
+            self.text.append(self.clean_text(caption))
             self.img2txt[img_id].append(txt_id)
             self.txt2img[txt_id] = img_id
 

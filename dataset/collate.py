@@ -103,6 +103,13 @@ def tokenize(tokenizer, texts, settings: TextSettings, pad_to_multiple_of: Optio
     return batch
 
 
+def _with_length(settings: TextSettings, max_length: Optional[int]) -> TextSettings:
+    """A truncating call site cut at `max_length` instead of its own length (None: unchanged)."""
+    if max_length is not None and settings.truncation:
+        return replace(settings, max_length=int(max_length))
+    return settings
+
+
 def _static(settings: TextSettings, fixed_length: bool) -> TextSettings:
     """With `fixed_length`, a truncating call site pads to its max_length instead of the batch's longest."""
     if fixed_length and settings.truncation and settings.max_length:
@@ -142,11 +149,12 @@ class TextCollator:
 class VQACollator:
     """VQA training collate: images stacked, questions tokenised, answers and weights flattened, counts n."""
 
-    def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None, fixed_length: bool = False):
-        """Store the tokenizer; questions truncate at 25 tokens, answers are never truncated."""
+    def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None, fixed_length: bool = False,
+                 max_length: Optional[int] = None):
+        """Store the tokenizer; questions truncate at 25 tokens (or `max_length`), answers are never truncated."""
         self.tokenizer = tokenizer
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.question_settings = _static(TEXT_SETTINGS["vqa_question_train"], fixed_length)
+        self.question_settings = _static(_with_length(TEXT_SETTINGS["vqa_question_train"], max_length), fixed_length)
 
     def __call__(self, batch) -> tuple:
         """Return (image, question TextBatch, answer TextBatch, weights FloatTensor, n list[int])."""
@@ -179,12 +187,25 @@ _COLLATE_LAYOUT = {
 COLLATE_TASKS = ("pretrain", "re", "vqa", "nlvr", "ve", "grounding")
 
 
+def text_length_of(config) -> Optional[int]:
+    """The token length a config fixes for every text, or None (ALBEF's call-site lengths): VLMo's `max_text_len`
+    (`max_text_len_of_initckpt` for stage 2, `task: textmlm`; VLMo.md 3.1)."""
+    if config.get("max_text_len") is None:
+        return None
+    if config.get("task") == "textmlm":
+        return int(config.get("max_text_len_of_initckpt", config["max_text_len"]))
+    return int(config["max_text_len"])
+
+
 def static_shape_options(config) -> dict:
-    """build_collate_fn keywords for few text shapes under `compile: true`; {} otherwise."""
-    if not config.get("compile", False):
-        return {}
-    # truncated call sites become exactly 25 long; the others are bucketed to multiples of 8, never truncated
-    return {"fixed_length": True, "pad_to_multiple_of": 8}
+    """build_collate_fn keywords of a config: few text shapes under `compile: true` (truncated call sites exactly
+    their length, the others bucketed to multiples of 8, never truncated), and the config's own text length where
+    it fixes one (text_length_of: the truncated call sites cut there instead of at 25); {} for ALBEF without compile."""
+    options = {"fixed_length": True, "pad_to_multiple_of": 8} if config.get("compile", False) else {}
+    length = text_length_of(config)
+    if length is not None:
+        options["max_length"] = length
+    return options
 
 
 def build_collate_fn(
@@ -193,14 +214,17 @@ def build_collate_fn(
     train: bool = True,
     pad_to_multiple_of: Optional[int] = None,
     fixed_length: bool = False,
+    max_length: Optional[int] = None,
 ):
-    """Return the picklable collate function of `task` (pretrain/TA, re, vqa, nlvr, ve, grounding) and split."""
+    """Return the picklable collate function of `task` (pretrain/TA, re, vqa, nlvr, ve, grounding) and split;
+    `max_length` replaces the length of the truncating call sites (pretraining, VQA training questions)."""
     if task == "vqa" and train:
-        return VQACollator(tokenizer, pad_to_multiple_of, fixed_length)
+        return VQACollator(tokenizer, pad_to_multiple_of, fixed_length, max_length)
     if (task, bool(train)) not in _COLLATE_LAYOUT:
         raise ValueError(f"build_collate_fn (dataset/collate.py): unknown task {task!r}; use one of {COLLATE_TASKS}")
     settings_name, positions = _COLLATE_LAYOUT[(task, bool(train))]
-    settings = _static(TEXT_SETTINGS[settings_name], fixed_length) if settings_name else _LONGEST
+    settings = _static(_with_length(TEXT_SETTINGS[settings_name], max_length), fixed_length) if settings_name \
+        else _LONGEST
     return TextCollator(
         tokenizer,
         padding=settings.padding,

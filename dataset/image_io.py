@@ -132,17 +132,26 @@ class SkippingDataset(Dataset):
 class AnnotationDataset(SkippingDataset):
     """A SkippingDataset over official JSON annotation file(s) (one path or a list): `ann`, `transform`,
     `image_root`, `max_words`. Subclasses name their REQUIRED_KEYS (checked on every item when the files are read)
-    and implement `load_item`."""
+    and implement `load_item`; they read every text through `clean_text`: ALBEF's `pre_caption` (lower-casing,
+    punctuation, the first `max_words` words), or the raw string with `raw_text` (VLMo.md section 3.1: raw strings go
+    to the tokenizer)."""
 
     REQUIRED_KEYS: tuple = ()
 
-    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False, required_keys=None):
+    def __init__(self, ann_file, transform, image_root="", max_words=30, skip_bad_images=False, required_keys=None,
+                 raw_text=False):
         super().__init__(skip_bad_images)
         keys = self.REQUIRED_KEYS if required_keys is None else required_keys
         self.ann = read_annotations(ann_file, required_keys=keys)
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
+        self.raw_text = bool(raw_text)
+
+    def clean_text(self, text: str) -> str:
+        """The text the tokenizer gets: `pre_caption(text, max_words)`, or `text` itself with `raw_text`."""
+        from dataset.text import pre_caption
+        return text if self.raw_text else pre_caption(text, self.max_words)
 
     def __len__(self) -> int:
         return len(self.ann)

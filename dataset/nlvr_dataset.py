@@ -1,7 +1,6 @@
 """NLVR2 dataset in the official format: {images: [path0, path1], sentence, label: 'True'|'False'}."""
 
 from dataset.image_io import AnnotationDataset, join_root, load_image
-from dataset.text import pre_caption
 
 
 class nlvr_dataset(AnnotationDataset):
@@ -17,4 +16,4 @@ class nlvr_dataset(AnnotationDataset):
         image0 = self.transform(load_image(join_root(self.image_root, path0), index))
         image1 = self.transform(load_image(join_root(self.image_root, path1), index))
         label = 1 if ann["label"] == "True" else 0
-        return image0, image1, pre_caption(ann["sentence"], self.max_words), label
+        return image0, image1, self.clean_text(ann["sentence"]), label

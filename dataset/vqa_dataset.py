@@ -30,6 +30,7 @@ class vqa_dataset(SkippingDataset):
         max_ques_words=30,
         answer_list="",
         skip_bad_images=False,
+        raw_text=False,
     ):
         """Read the annotations; the test split also loads `answer_list` (a JSON list of answer strings)."""
         super().__init__(skip_bad_images)
@@ -43,6 +44,7 @@ class vqa_dataset(SkippingDataset):
         self.split = split
         self.max_ques_words = max_ques_words if split == "train" else TEST_MAX_QUESTION_WORDS
         self.answer_list = self._read_answer_list(answer_list) if split == "test" else []
+        self.raw_text = bool(raw_text)  # VLMo.md 3.1: the question as written, no pre_question
 
     @staticmethod
     def _read_answer_list(answer_list) -> list:
@@ -75,7 +77,7 @@ class vqa_dataset(SkippingDataset):
         """Return the train or test tuple of item `index`."""
         ann = self.ann[index]
         image = self.transform(load_image(self._image_path(ann, index), index))
-        question = pre_question(ann["question"], self.max_ques_words)
+        question = ann["question"] if self.raw_text else pre_question(ann["question"], self.max_ques_words)
         if self.split == "test":
             return image, question, ann["question_id"]
         answers, weights = self._answers(ann)

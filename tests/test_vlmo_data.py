@@ -3,6 +3,7 @@ by default for `model: vlmo`, ALBEF's per-access caption choice unchanged."""
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from dataset import caption_sampling_of
@@ -95,3 +96,90 @@ def test_vocabulary_command_writes_the_files_and_names_a_missing_input(tmp_path,
     assert 'vqa_num_labels: 1' in capsys.readouterr().err  # 1 answer, not the official 3,129: told how to set it
     with pytest.raises(SystemExit, match='nope.json does not exist'):
         main(['--train', str(tmp_path / 'nope.json'), '--val', str(val), '--out_dir', str(out)])
+
+
+# ---- the text pipeline of VLMo.md 3.1 / 3.3: raw strings, the model's own length, stage-2 text lines --------------
+LONG = ('A Red, "Circle"!  Next to: two BLUE squares; and ' + ' '.join(f'word{i}' for i in range(60))).strip()
+
+
+def test_vlmo_texts_reach_the_tokenizer_raw_and_albef_keeps_its_cleaning(annotations, tmp_path):
+    from dataset import create_dataset, raw_text_of
+    assert raw_text_of({'model': 'vlmo'}) and not raw_text_of({}) and not raw_text_of({'model': 'simla'})
+    assert not raw_text_of({'model': 'vlmo', 'data': {'text_cleaning': 'albef'}})
+    _, root = annotations
+    files = {}
+    for name, items in {'pre': [{'image': 'a.jpg', 'caption': LONG}],
+                        're_train': [{'image': 'a.jpg', 'caption': LONG, 'image_id': 1}],
+                        're_eval': [{'image': 'a.jpg', 'caption': [LONG]}],
+                        'vqa': [{'image': 'a.jpg', 'question': 'What Colour, is it?', 'answer': ['red'] * 10,
+                                 'dataset': 'vqa', 'question_id': 1}],
+                        'nlvr': [{'images': ['a.jpg', 'a.jpg'], 'sentence': LONG, 'label': 'True'}]}.items():
+        files[name] = str(tmp_path / f'{name}.json')
+        (tmp_path / f'{name}.json').write_text(json.dumps(items))
+    base = {'image_res': 16, 'image_root': root, 'vqa_root': root, 'vg_root': root}
+    configs = {'pretrain': {'train_file': files['pre']},
+               're': {'train_file': files['re_train'], 'val_file': files['re_eval'], 'test_file': files['re_eval']},
+               'vqa': {'train_file': files['vqa'], 'test_file': files['vqa'], 'answer_list': files['vqa']},
+               'nlvr': {'train_file': files['nlvr'], 'val_file': files['nlvr'], 'test_file': files['nlvr']}}
+    (tmp_path / 'answers.json').write_text(json.dumps(['red']))
+    configs['vqa']['answer_list'] = str(tmp_path / 'answers.json')
+    text_of = {'pretrain': lambda s: s.train[0][1], 're': lambda s: (s.train[0][1], s.val.text[0]),
+               'vqa': lambda s: s.train[0][1], 'nlvr': lambda s: s.train[0][2]}
+    for task, keys in configs.items():
+        vlmo = text_of[task](create_dataset(task, {**base, **keys, 'model': 'vlmo'}))
+        albef = text_of[task](create_dataset(task, {**base, **keys}))
+        raw = 'What Colour, is it?' if task == 'vqa' else LONG
+        assert vlmo == raw or vlmo == (raw, raw), task
+        for cleaned in (albef if isinstance(albef, tuple) else (albef,)):
+            assert cleaned != raw and ',' not in cleaned and cleaned == cleaned.lower(), task  # pre_caption/question
+            if task != 'vqa':
+                assert len(cleaned.split(' ')) == 30, task  # ALBEF's 30-word limit
+
+
+def test_vlmo_pretraining_texts_equal_the_official_fixed_length_tokenisation():
+    """Collate at the config's length (dataset.static_shape_options), then VLMo.fixed_length: the ids the official
+    tokenizer call gives (`[CLS] pieces [SEP]`, truncation=True, padding='max_length', max_length=L)."""
+    from dataset import build_collate_fn, static_shape_options
+    from models.losses import vlmo_fixed_length_text
+    from models.tokenization import build_tokenizer
+    tokenizer = build_tokenizer('none')
+    assert static_shape_options({}) == {} and static_shape_options({'max_text_len': 40}) == {'max_length': 40}
+    assert static_shape_options({'max_text_len': 40, 'max_text_len_of_initckpt': 196, 'task': 'textmlm'}) == \
+        {'max_length': 196}
+    texts = [LONG, 'a red circle', LONG.lower()]
+    for L in (40, 196):
+        collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options(
+            {'max_text_len': L, 'max_text_len_of_initckpt': L}))
+        _, batch = collate([(torch.zeros(3, 1, 1), t) for t in texts])
+        ids, mask = vlmo_fixed_length_text(batch.input_ids, batch.attention_mask, L, tokenizer.sep_token_id)
+        official = tokenizer.backend(texts, max_length=L, truncation=True, padding='max_length')
+        assert ids.tolist() == official['input_ids'] and mask.tolist() == official['attention_mask'], L
+    # ALBEF's pretraining collate keeps its 25 tokens
+    _, albef = build_collate_fn('pretrain', tokenizer, train=True)([(torch.zeros(3, 1, 1), LONG)])
+    assert albef.input_ids.shape[1] == 25
+    vqa = build_collate_fn('vqa', tokenizer, train=True, max_length=40)
+    _, questions, *_ = vqa([(torch.zeros(3, 1, 1), LONG, ['a[SEP]'], [1.0])])
+    assert questions.input_ids.shape[1] == 40
+
+
+def test_stage_two_text_lines_are_one_sample_per_line_read_lazily(tmp_path):
+    import pickle
+
+    from dataset import create_dataset
+    from dataset.text_lines import text_line_dataset
+    one, two = tmp_path / 'wiki_0.txt', tmp_path / 'wiki_1.txt'
+    one.write_text('First line, as written.\n\n   \nSecond line\n')
+    two.write_bytes('caf\u00e9 au lait\r\nlast line without newline'.encode())
+    data = create_dataset('pretrain', {'model': 'vlmo', 'task': 'textmlm', 'image_res': 224,
+                                       'text_files': [str(one), str(two)]}).train
+    assert isinstance(data, text_line_dataset) and len(data) == 4  # blank lines are not samples
+    assert [data[i][1] for i in range(4)] == ['First line, as written.', 'Second line', 'caf\u00e9 au lait',
+                                              'last line without newline']
+    assert data[0][0].shape == (3, 1, 1)
+    again = pickle.loads(pickle.dumps(data))  # DataLoader workers get a copy without open files
+    assert again[3][1] == 'last line without newline'
+    with pytest.raises(FileNotFoundError, match='nope.txt does not exist'):
+        text_line_dataset([str(tmp_path / 'nope.txt')])
+    (tmp_path / 'blank.txt').write_text('\n\n')
+    with pytest.raises(ValueError, match='blank.txt has no non-blank line'):
+        text_line_dataset(str(tmp_path / 'blank.txt'))
