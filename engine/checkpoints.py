@@ -209,6 +209,7 @@ class TrainingRun:
         # micro-batches per optimizer step (engine.loop.fit sets it): with gradient accumulation a step checkpoint
         # is written every checkpoint_every_steps optimizer steps, always after an optimizer step
         self.accumulate = 1
+        self.scaler = None  # fp16's GradScaler (engine.loop.fit sets it): its state travels with the checkpoints
         self._tracker = None
         self._pending_rng = None
         if utils.is_main_process():
@@ -223,6 +224,8 @@ class TrainingRun:
         self.best_record, self.last_record = ckpt.get('best_record'), ckpt.get('last_record')
         self.global_step = int(ckpt.get('global_step', 0))
         self.nonfinite_skipped = int(ckpt.get('nonfinite_skipped', 0))
+        if self.scaler is not None and ckpt.get('grad_scaler') is not None:
+            self.scaler.load_state_dict(ckpt['grad_scaler'])
         if ckpt.get('seed', self.seed) != self.seed:
             print(f'warning: {path} was trained with --seed {ckpt["seed"]}, this run uses {self.seed}: the data '
                   f'order and augmentations from here on differ from the original run')
@@ -308,6 +311,8 @@ class TrainingRun:
                  'last_record': self.last_record, 'global_step': self.global_step,
                  'nonfinite_skipped': self.nonfinite_skipped, 'seed': self.seed, 'world_size': len(per_rank),
                  'per_rank': per_rank}
+        if self.scaler is not None:
+            extra['grad_scaler'] = self.scaler.state_dict()
         args = (self.output_dir, self.model, self.optimizer, self.scheduler, self.config, epoch)
         if step is None:
             if utils.is_main_process():

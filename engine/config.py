@@ -104,7 +104,7 @@ QUIRK_FLAGS = {
     "vqa_first_token_once": Key(BOOL, default=False),
     "gradcam_block": Key(INT, default=8),
     "gradcam_mode": Key(STR, ("itm", "itc"), "itm"),
-    "precision": Key(STR, ("fp32", "bf16"), "fp32"),
+    "precision": Key(STR, ("fp32", "bf16", "fp16"), "fp32"),
     "randaugment_fixes": Key(BOOL, default=False),
 }
 

@@ -36,10 +36,21 @@ def to_device(batch, device):
 
 
 def autocast(device, precision):
-    """bf16 autocast when asked; the models keep similarities, softmaxes and losses in fp32 themselves."""
+    """bf16 or fp16 autocast when asked; the models keep similarities, softmaxes and losses in fp32 themselves."""
     if precision == 'bf16':
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == 'fp16':
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def grad_scaler(config, device):
+    """The dynamic loss scaler of `precision: fp16` (VLMo's official setting: PyTorch Lightning's native AMP, i.e.
+    torch's GradScaler with its defaults: scale 2^16, x2 after 2,000 finite steps, x0.5 and the step skipped on an
+    inf/NaN gradient); None for fp32 and bf16, whose loop is unchanged."""
+    if config.get('precision', 'fp32') != 'fp16':
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def alpha_at(config, epoch, i, steps_per_epoch, ramp):
@@ -80,6 +91,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn, *, config, dev
     if not per_step:
         warmup_epochs, step_size = int(config['schedular']['warmup_epochs']), int(config.get('warmup_step_size', 100))
     tracker = run.take_tracker()
+    scaler = getattr(run, 'scaler', None)  # fp16's loss scaler (grad_scaler), else None
     log = log or StepLog(None, config, device)
     log.start_epoch(epoch, steps, start_step, counting=getattr(getattr(loader, 'dataset', None), 'skip_bad_images', False))
     it = iter(loader)
@@ -102,10 +114,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn, *, config, dev
             if i % accumulate == 0 or i == start_step:  # a window's first micro-batch
                 optimizer.zero_grad(set_to_none=True)
             if not skip:
-                (loss if accumulate == 1 else loss / accumulate).backward()
+                part = loss if accumulate == 1 else loss / accumulate
+                (part if scaler is None else scaler.scale(part)).backward()
         if window_end:
             if not skip:  # a window whose last micro-batch is skipped is dropped (its gradients were never reduced)
-                optimizer.step()
+                if scaler is None:
+                    optimizer.step()
+                else:  # unscales; skips the update when a gradient is inf/NaN; then adapts the scale
+                    scaler.step(optimizer)
+                    scaler.update()
             if per_step:
                 scheduler.step()  # the schedule counts windows (dropped ones included)
         if not per_step:
@@ -189,6 +206,7 @@ def fit(args, config, model, train_loader, step_fn, *, evaluate_fn=None, select_
         scheduler, epochs = create_scheduler(config['schedular'], optimizer), int(config['schedular']['epochs'])
     run = TrainingRun(args, config, model, optimizer, scheduler, select_key=select_key)
     run.accumulate = accumulate
+    run.scaler = grad_scaler(config, device)
     resume_path = resolve_resume(args)
     if resume_path:
         run.resume(resume_path)

@@ -41,8 +41,9 @@ def base_parser(description, config, output_dir):
                    help='use the launcher environment when present (default); --no-distributed forces one process')
     p.add_argument('--opt', action='append', default=[], metavar='KEY=VALUE',
                    help='override a config key, dotted for nested keys (repeatable), e.g. optimizer.lr=2e-4')
-    p.add_argument('--precision', choices=['fp32', 'bf16'], default=None,
-                   help='fp32 (official) or bf16 autocast; default: the config key precision, else fp32')
+    p.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default=None,
+                   help='fp32 (ALBEF official), bf16 autocast, or fp16 autocast with a dynamic loss scaler (VLMo '
+                        'official); default: the config key precision, else fp32')
     p.add_argument('--trust_checkpoint', action='append', default=[], metavar='PATH',
                    help='allow full unpickling (which can run code) of this checkpoint file when weights-only '
                         'loading rejects it; only for files you trust (repeatable)')

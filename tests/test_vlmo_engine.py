@@ -316,6 +316,56 @@ def test_resume_continues_the_same_lr_sequence(tmp_path):
     assert by_position(tmp_path / 'cut' / 'train_steps.jsonl') == by_position(tmp_path / 'full' / 'train_steps.jsonl')
 
 
+def test_fp16_trains_with_a_loss_scaler_that_checkpoints_and_resumes(tmp_path):
+    """precision: fp16 (VLMo's official AMP): autocast to float16, losses scaled by torch's GradScaler (from 2^16),
+    the update taken on unscaled gradients, an inf gradient skips the step and halves the scale, and the scaler's
+    state travels with every checkpoint so a resumed run continues bit for bit."""
+    def small_step(model, batch, alpha):  # x 1e-3: the gradients x 2^16 stay within float16 (AdamW ignores the scale)
+        return {'loss': toy_step(model, batch, alpha)['loss'] * 1e-3}
+    plain, half = Toy(), Toy()
+    engine.fit(toy_args(tmp_path / 'fp32'), step_config(), plain, toy_loader(2), small_step)
+    engine.fit(toy_args(tmp_path / 'fp16'), step_config(precision='fp16'), half, toy_loader(2), small_step)
+    assert 'grad_scaler' not in torch.load(tmp_path / 'fp32' / 'checkpoint_last.pth', weights_only=True)
+    scaler = torch.load(tmp_path / 'fp16' / 'checkpoint_last.pth', weights_only=True)['grad_scaler']
+    assert scaler['scale'] == 2.0 ** 16 and scaler['_growth_tracker'] == 16  # 16 finite steps, none skipped
+    for a, b, c in zip(plain.parameters(), half.parameters(), Toy().parameters()):
+        # the same updates up to float16 rounding of the forward and backward
+        assert not torch.equal(a, b) and torch.allclose(a, b, rtol=0, atol=0.02)
+        assert (a - c).abs().max() > 0.1
+    # a finite loss whose scaled gradient overflows float16: the step is skipped and the scale halves
+    seen = []
+
+    def overflowing_step(model, batch, alpha):
+        out = toy_step(model, batch, alpha)
+        seen.append(True)
+        if len(seen) == 5:
+            out['loss'] = out['loss'] * 1e30
+        return out
+    config = step_config(precision='fp16', checkpoint_every_steps=1, keep_step_checkpoints=100,
+                         schedule={**step_config()['schedule'], 'epochs': 1})
+    engine.fit(toy_args(tmp_path / 'inf'), config, Toy(), toy_loader(2), overflowing_step)
+    before, after = (torch.load(tmp_path / 'inf' / f'checkpoint_00_step{n:06d}.pth', weights_only=True) for n in (4, 5))
+    assert after['grad_scaler']['scale'] == before['grad_scaler']['scale'] / 2
+    assert all(torch.equal(v, after['model'][k]) for k, v in before['model'].items())
+    # resume mid-run: the same weights and scaler as the uninterrupted fp16 run
+    config = step_config(precision='fp16', checkpoint_every_steps=1)
+    engine.fit(toy_args(tmp_path / 'full'), config, Toy(), toy_loader(2), toy_step)
+    calls = {'n': 0}
+
+    def dying_step(model, batch, alpha):
+        calls['n'] += 1
+        if calls['n'] == 12:
+            raise Interrupt
+        return toy_step(model, batch, alpha)
+    with pytest.raises(Interrupt):
+        engine.fit(toy_args(tmp_path / 'cut'), config, Toy(), toy_loader(2), dying_step)
+    engine.fit(toy_args(tmp_path / 'cut', resume='auto'), config, Toy(), toy_loader(2), toy_step)
+    full, cut = (torch.load(tmp_path / d / 'checkpoint_last.pth', weights_only=True) for d in ('full', 'cut'))
+    assert full['grad_scaler'] == cut['grad_scaler']
+    for key, value in full['model'].items():
+        assert torch.equal(value, cut['model'][key]), key
+
+
 def test_config_refusals(tmp_path):
     with pytest.raises(ConfigError, match='needs the per-step `schedule`'):
         engine.fit(toy_args(tmp_path / 'a'), {**albef_config(), 'batch_size_global': 8}, Toy(), toy_loader(2),
