@@ -81,6 +81,7 @@ def main(argv=None):
         return cache[path]
 
     torch.manual_seed(args.seed)
+    random.seed(args.seed)  # whole-word masking shuffles with Python's global generator, as the official collator
     rng = random.Random(args.seed)
     model = VLMo(config=config, task='pretrain', tokenizer=tokenizer).train()
     optimizer = AdamWHF(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
