@@ -350,3 +350,23 @@ def test_whole_word_masking_over_100_seeded_batches_follows_the_collator_rule():
     # k = 6 drawn among all 38 non-[CLS]/[SEP] positions: about 6 / 38 of the real pieces end up selected
     assert abs(selected_total / real_total - 6 / 38) < 0.03
     assert rows_without > 0  # short captions can draw only padding (k comes from the padded length, not the caption)
+
+
+def test_whole_word_masking_equals_the_transformers_4_8_1_collator_on_100_seeded_batches():
+    """VLMo.md 17.2 item 8: the golden file of tests/fixtures/vlmo_wwm (made with transformers 4.8.1's
+    DataCollatorForWholeWordMask, the official masking) is reproduced element for element, ids and labels."""
+    import random
+
+    from models.tokenization import build_tokenizer
+    golden = torch.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'vlmo_wwm', 'golden.pt'), weights_only=True)
+    tok = build_tokenizer('none')
+    subword = torch.tensor([t.startswith('##') for t in tok.backend.convert_ids_to_tokens(list(range(len(tok))))])
+    special = (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.unk_token_id, tok.mask_token_id)
+    assert golden['vocab_size'] == len(tok) and golden['input_ids'].shape == (100, 8, 40)
+    for b, seed in enumerate(golden['seeds'].tolist()):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        ids, labels = losses.vlmo_whole_word_mask(golden['input_ids'][b].long(), subword, special, tok.mask_token_id,
+                                                  golden['vocab_size'], golden['mlm_probability'])
+        assert torch.equal(ids, golden['masked_ids'][b].long()), b
+        assert torch.equal(labels, golden['labels'][b].long()), b
