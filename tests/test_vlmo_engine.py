@@ -443,3 +443,27 @@ def test_accumulation_under_ddp_equals_the_global_batch(tmp_path):
         assert torch.allclose(ranks[0][key], value, rtol=0, atol=1e-6), key
     log = read_jsonl(tmp_path / 'ddp' / 'train_steps.jsonl')
     assert [r['opt_step'] for r in log] == [0, 1, 1, 2, 2, 3, 3, 4]  # 2 epochs x 4 micro-batches per rank
+
+
+def test_update_rule_and_schedules_equal_transformers_4_8_1():
+    """VLMo.md 12.1 / 12.2 against tests/fixtures/vlmo_optim (made with transformers 4.8.1): AdamWHF bit for bit over
+    six steps (two weight-decay groups, a parameter skipped when it has no gradient), and both schedules' factors."""
+    from models.losses import vlmo_cosine_lr_factor, vlmo_lr_factor
+    golden = torch.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'vlmo_optim', 'golden.pt'),
+                        weights_only=True)
+    params = [nn.Parameter(p.clone()) for p in golden['init']]
+    optimizer = AdamWHF([{'params': params[:2], 'weight_decay': 0.01}, {'params': params[2:], 'weight_decay': 0.0}],
+                        lr=1e-3, betas=(0.9, 0.98), eps=1e-8)
+    for step, grads in enumerate(golden['grads']):
+        for p, g in zip(params, grads):
+            p.grad = None if (step == 2 and p is params[2]) else g.clone()
+        optimizer.step()
+        for p, expected in zip(params, golden['after'][step]):
+            assert torch.equal(p.detach(), expected), step
+    steps = golden['schedules']['steps'].tolist()
+    ours = {'linear': [vlmo_lr_factor(s, 200000, 2500) for s in steps],
+            'poly_end': [vlmo_lr_factor(s, 1000, 100, 2.0, 1e-5 / 2e-4) for s in steps],
+            'cosine': [vlmo_cosine_lr_factor(s, 200000, 2500) for s in steps]}
+    for name, values in ours.items():
+        assert torch.allclose(torch.tensor(values, dtype=torch.float64), golden['schedules'][name], rtol=0,
+                              atol=1e-12), name
