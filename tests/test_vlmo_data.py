@@ -183,3 +183,21 @@ def test_stage_two_text_lines_are_one_sample_per_line_read_lazily(tmp_path):
     (tmp_path / 'blank.txt').write_text('\n\n')
     with pytest.raises(ValueError, match='blank.txt has no non-blank line'):
         text_line_dataset(str(tmp_path / 'blank.txt'))
+
+
+def test_vlmo_text_pipeline_equals_the_transformers_4_8_1_tokenisation_on_edge_cases():
+    """tests/fixtures/vlmo_tokens (made with transformers 4.8.1's BertTokenizer): accents, CJK, emoji, control
+    characters, punctuation, empty and over-long texts give the official ids and masks through our pipeline."""
+    import os
+
+    from dataset import build_collate_fn, static_shape_options
+    from models.losses import vlmo_fixed_length_text
+    from models.tokenization import build_tokenizer
+    with open(os.path.join(os.path.dirname(__file__), 'fixtures', 'vlmo_tokens', 'golden.json'),
+              encoding='utf-8') as f:
+        golden = json.load(f)
+    tokenizer = build_tokenizer('none')
+    collate = build_collate_fn('pretrain', tokenizer, train=True, **static_shape_options({'max_text_len': 40}))
+    _, batch = collate([(torch.zeros(3, 1, 1), text) for text in golden['texts']])
+    ids, mask = vlmo_fixed_length_text(batch.input_ids, batch.attention_mask, 40, tokenizer.sep_token_id)
+    assert ids.tolist() == golden['input_ids'] and mask.tolist() == golden['attention_mask']
