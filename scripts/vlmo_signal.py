@@ -61,6 +61,7 @@ def main(argv=None):
     parser.add_argument('--steps', type=int, default=200)
     parser.add_argument('--warmup', type=int, default=20, help='linear warm-up steps, then linear decay to 0')
     parser.add_argument('--loss_weights', default='1,1,0.25', help='ITC,ITM,MLM weights (the stage-3 values)')
+    parser.add_argument('--batch', type=int, default=BATCH, help='pairs per step (the item: 8)')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     itc_w, itm_w, mlm_w = (float(v) for v in args.loss_weights.split(','))
@@ -91,7 +92,7 @@ def main(argv=None):
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group['lr'] = args.lr * factor(step)
-        items = rng.sample(train, BATCH)
+        items = rng.sample(train, args.batch)
         image = torch.stack([picture(item['image']) for item in items])
         text = text_batch(tokenizer, [rng.choice(captions_of(item)) for item in items])
         loss_mlm, loss_itc, loss_itm = model(image, text)
@@ -123,7 +124,7 @@ def main(argv=None):
         if (itc_w, itm_w, mlm_w)[k]:
             checks.append((f'{name} drops >= 20 %', drop >= 0.2))
     print(f'dual-encoder TR@1 {100 * tr1:.1f}, IR@1 {100 * ir1:.1f} on {len(held_out)} held-out pairs '
-          f'(chance {100 * chance:.1f}); ln {BATCH} = {math.log(BATCH):.4f}')
+          f'(chance {100 * chance:.1f}); ln {args.batch} = {math.log(args.batch):.4f}')
     print(f'text [CLS] spread (mean 1 - cos between held-out captions) {spread(text_feats):.2e}, image [CLS] '
           f'spread {spread(image_feats):.2e}')
     checks.append(('TR@1 >= 3 x chance', tr1 >= 3 * chance))
