@@ -155,11 +155,11 @@ def _three_split(dataset_class, task: str, config, skip: bool) -> DatasetSplits:
     """NLVR2 / SNLI-VE: train, val and test files under one image_root."""
     root = _require(config, "image_root", task)
     train_tf, test_tf = _train_test_transforms(config)
-    raw = {"raw_text": True} if raw_text_of(config) else {}  # only VLMo asks (it has NLVR2 but no SNLI-VE)
+    raw = raw_text_of(config)
     return DatasetSplits(
-        dataset_class(_require(config, "train_file", task), train_tf, root, skip_bad_images=skip, **raw),
-        dataset_class(_require(config, "val_file", task), test_tf, root, skip_bad_images=skip, **raw),
-        dataset_class(_require(config, "test_file", task), test_tf, root, skip_bad_images=skip, **raw),
+        dataset_class(_require(config, "train_file", task), train_tf, root, skip_bad_images=skip, raw_text=raw),
+        dataset_class(_require(config, "val_file", task), test_tf, root, skip_bad_images=skip, raw_text=raw),
+        dataset_class(_require(config, "test_file", task), test_tf, root, skip_bad_images=skip, raw_text=raw),
     )
 
 

@@ -7,6 +7,8 @@ import warnings
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from dataset.text import pre_caption
+
 # Web-crawled pretraining images are often truncated or huge; the official loaders accept both.
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 Image.MAX_IMAGE_PIXELS = None
@@ -150,7 +152,6 @@ class AnnotationDataset(SkippingDataset):
 
     def clean_text(self, text: str) -> str:
         """The text the tokenizer gets: `pre_caption(text, max_words)`, or `text` itself with `raw_text`."""
-        from dataset.text import pre_caption
         return text if self.raw_text else pre_caption(text, self.max_words)
 
     def __len__(self) -> int:

@@ -66,7 +66,8 @@ def build_vocabulary(items: list[dict], min_count: int = MIN_COUNT) -> list[str]
 
 
 def rest_val_images(val_items: list[dict], n: int = REST_VAL_IMAGES, seed: int = 0) -> list[str]:
-    """The held-out val pictures: the sorted distinct pictures of the val questions, shuffled by Random(seed), last n."""
+    """The held-out val pictures: the sorted distinct pictures of the val questions, shuffled by Random(seed),
+    the last n."""
     images = sorted({item['image'] for item in val_items if is_vqa(item)})
     if n > len(images):
         raise ValueError(f'rest_val needs {n} val pictures, the val file has {len(images)}: give a smaller --rest_val')

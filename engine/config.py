@@ -173,7 +173,7 @@ _VLMO_KEYS: dict[str, Key] = {
     "batch_size_global": Key(INT, nullable=True), "eval_precision": Key(STR, ("run", "fp16")),
     # learning-rate multiplier of the VQA / NLVR2 classifier heads (official lr_mult)
     "lr_mult_heads": Key(NUM),
-    # stage 2's text-only training data: plain-text files, one sample per line (VLMo.md 3.3, 13.2; dataset/text_lines.py)
+    # stage 2's text-only data: plain-text files, one sample per line (VLMo.md 3.3, 13.2; dataset/text_lines.py)
     "text_files": Key(LIST),
     # the VLMo blocks below (their keys in _VLMO_BLOCKS)
     "vlmo": Key(MAP), "loss_weights": Key(MAP), "itc": Key(MAP), "mlm": Key(MAP), "retrieval": Key(MAP),
@@ -196,11 +196,11 @@ _VLMO_BLOCKS: dict[str, dict[str, Key]] = {
     # decay_power: cosine) (engine/loop.py fit, scheduler.StepScheduler):
     # warmup_steps a float = a fraction of the total; max_steps null = epoch-based (total = micro-batches per epoch x
     # epochs // accumulation); epochs = the number of epochs then, else at most that many (official max_epoch)
-    "schedule": {"sched": Key(STR, ("linear", "cosine")), "max_steps": Key(INT, nullable=True), "warmup_steps": Key(NUM),
-                 "end_lr": Key(NUM), "power": Key(NUM), "epochs": Key(INT)},
+    "schedule": {"sched": Key(STR, ("linear", "cosine")), "max_steps": Key(INT, nullable=True),
+                 "warmup_steps": Key(NUM), "end_lr": Key(NUM), "power": Key(NUM), "epochs": Key(INT)},
     # text_cleaning: raw (VLMo.md 3.1, the default for model: vlmo) or albef (pre_caption / pre_question)
-    "data": {"caption_sampling": Key(STR, ("per_caption", "random")), "text_cleaning": Key(STR, ("raw", "albef")), "drop_last": Key(BOOL), "hflip": Key(BOOL),
-             "crop_scale": Key(LIST)},
+    "data": {"caption_sampling": Key(STR, ("per_caption", "random")), "text_cleaning": Key(STR, ("raw", "albef")),
+             "drop_last": Key(BOOL), "hflip": Key(BOOL), "crop_scale": Key(LIST)},
 }
 _SYNTHETIC_KEYS: dict[str, Key] = {
     # the image-blind control of any run (dataset.create_dataset, docs/README_synthetic.md): every picture replaced by

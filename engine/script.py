@@ -185,7 +185,8 @@ def write_metrics(args, config, task, metrics, *, epoch, selected_by=None, **ext
     if not utils.is_main_process():
         return None
     summary = {'task': task, 'model': registry.model_family(config), 'config': args.config,
-               'checkpoint': start_checkpoint(config, task, args) or '', 'evaluate_only': bool(getattr(args, 'evaluate', False)),
+               'checkpoint': start_checkpoint(config, task, args) or '',
+               'evaluate_only': bool(getattr(args, 'evaluate', False)),
                'resumed_from': args.resume or None, 'epoch': epoch, 'selected_by': selected_by,
                'metrics': {k: v for k, v in metrics.items() if k != 'epoch' and isinstance(v, (int, float))}}
     summary.update(extra)

@@ -124,6 +124,7 @@ def lr_at(config: dict, epoch: int, i: int = 0, step_size: int | None = None) ->
 # ---- the per-optimizer-step schedule (VLMo; config block `schedule`) ---------------------------------------------
 SCHEDULE_KINDS = ("linear", "cosine")  # official decay_power: a number (polynomial; 1 = linear) or "cosine"
 
+
 class StepScheduler:
     """Linear warm-up from 0, then polynomial decay to end_lr at `total_steps` (transformers'
     get_polynomial_decay_schedule_with_warmup, VLMo spec section 12.2), or with `sched='cosine'` half a cosine to 0

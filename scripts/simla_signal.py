@@ -140,7 +140,8 @@ def main(argv=None):
         print(f'{name}: first-10 mean {first:.4f}, last-10 mean {last:.4f}, drop {100 * drop:.1f} %')
     print(f"masked-patch accuracy (last 10 steps) {r['mim_accuracy']:.3f}, chance {r['mim_chance']:.3f}")
     print(f"concept head ranks every colour/shape word of the captions above the median logit for "
-          f"{100 * r['concept_ranked']:.1f} % of training pictures ({100 * r['concept_words']:.1f} % of picture-word pairs)")
+          f"{100 * r['concept_ranked']:.1f} % of training pictures ({100 * r['concept_words']:.1f} % of "
+          f"picture-word pairs)")
     return 0
 
 

@@ -165,7 +165,8 @@ def test_cosine_schedule_is_the_official_decay_power_cosine():
     assert optimizer.param_groups[1]['lr'] == pytest.approx(20 * optimizer.param_groups[0]['lr'], abs=1e-18)
     # the linear schedule at the same point is another value: the switch is read
     linear, _ = create_step_scheduler({**config, 'schedule': {**config['schedule'], 'sched': 'linear',
-                                                              'end_lr': 0}}, torch.optim.SGD(model.parameters(), lr=2e-4), 1000, 1)
+                                                              'end_lr': 0}},
+                                      torch.optim.SGD(model.parameters(), lr=2e-4), 1000, 1)
     linear.optimizer_step = 2500 + 197500 // 4 - 1
     assert linear.step() == pytest.approx(1.5e-4, rel=1e-9)
     # resume: the kind travels with the state dict

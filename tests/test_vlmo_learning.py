@@ -1,7 +1,8 @@
 """VLMo's stages 1 and 2 learn on the synthetic world (docs/README_vlmo.md, "Synthetic world"): the BEiT stand-in's
 image tower names the colours of held-out pictures far better than answering "absent", and stage 2 (text MLM with
 attention and V-FFN frozen) started from it through Pretrain.py reads it with the official BEiT conversion sets and
-lowers its MLM loss, reading the world's captions as stage-2 text lines (dataset/text_lines.py). Stage 3 and fine-tuning are measured in the docs (minutes on CPU), not here."""
+lowers its MLM loss, reading the world's captions as stage-2 text lines (dataset/text_lines.py). Stage 3 and
+fine-tuning are measured in the docs (minutes on CPU), not here."""
 import json
 import os
 
