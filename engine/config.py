@@ -185,7 +185,7 @@ _VLMO_BLOCKS: dict[str, dict[str, Key]] = {
              "mlp_ratio": Key(NUM), "vlffn_start_layer_index": Key(INT),
              "layer_scale_init_values": Key(NUM, nullable=True), "use_abs_pos_emb": Key(BOOL),
              "use_rel_pos_bias": Key(BOOL), "drop_path_rate": Key(NUM), "layer_norm_eps": Key(NUM),
-             "qkv_bias": Key(BOOL), "init": Key(MAP)},
+             "qkv_bias": Key(BOOL), "init_std": Key(NUM), "init": Key(MAP)},
     # the loss_weights block is shared with SIMLA: VLMo adds its keys to SIMLA's (never removes any)
     "loss_weights": {**_SIMLA_BLOCKS.get("loss_weights", {}), "itc": Key(NUM), "itm": Key(NUM), "mlm": Key(NUM)},
     # itc.vl_branch: the second contrastive term through the VL experts (official); gather_with_grad: not official

@@ -22,7 +22,7 @@ TASKS = ('textmlm', 'pretrain', 'retrieval', 'vqa', 'nlvr')
 ENGINE_TASKS = {'pretrain': 'pretrain', 'retrieval': 'retrieval', 'vqa': 'vqa', 'nlvr': 'nlvr'}
 ARCH_DEFAULTS = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, vlffn_start_layer_index=10,
                      layer_scale_init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True, drop_path_rate=0.1,
-                     layer_norm_eps=1e-6, qkv_bias=True)
+                     layer_norm_eps=1e-6, qkv_bias=True, init_std=0.02)
 IGNORED_KWARGS = ('text_encoder', 'tokenizer', 'init_deit', 'with_momentum', 'text_decoder')
 
 
@@ -360,9 +360,13 @@ class VLMo(nn.Module):
 
     # -- initialisation (tensors no checkpoint provides; docs/README_vlmo.md "Initialisation") --
     def _init_weights(self):
+        # the Multiway Transformer's trunc-normal std: official 0.02; the synthetic configs scale it with the width
+        # (docs/README_vlmo.md, "Synthetic world"); the text embeddings and the heads keep normal(0, 0.02)
+        std = self.arch['init_std']
+
         def init_transformer(m):
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -379,9 +383,9 @@ class VLMo(nn.Module):
                 m.bias.data.zero_()
 
         self.transformer.apply(init_transformer)
-        nn.init.trunc_normal_(self.transformer.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.transformer.cls_token, std=std)
         if self.transformer.pos_embed is not None:
-            nn.init.trunc_normal_(self.transformer.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.transformer.pos_embed, std=std)
         for name, module in self.named_children():
             if name != 'transformer':
                 module.apply(init_head)

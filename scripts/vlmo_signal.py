@@ -62,12 +62,16 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=20, help='linear warm-up steps, then linear decay to 0')
     parser.add_argument('--loss_weights', default='1,1,0.25', help='ITC,ITM,MLM weights (the stage-3 values)')
     parser.add_argument('--batch', type=int, default=BATCH, help='pairs per step (the item: 8)')
+    parser.add_argument('--init_std', type=float, default=0.02,
+                        help='std of the normal inits (official 0.02; 0.08 keeps the full-size ratio at width 48)')
+    parser.add_argument('--layer_scale', type=float, default=0.1, help='LayerScale init (official 0.1; 0 for none)')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     itc_w, itm_w, mlm_w = (float(v) for v in args.loss_weights.split(','))
     config = {'model': 'vlmo', 'task': 'pretrain', 'image_res': RES, 'max_text_len': L,
               'max_text_len_of_initckpt': L, 'vocab_size': 30522, 'vlmo': ARCH,
               'loss_weights': {'itc': itc_w, 'itm': itm_w, 'mlm': mlm_w}}
+    config['vlmo'] = {**ARCH, 'init_std': args.init_std, 'layer_scale_init_values': args.layer_scale or None}
     tokenizer = build_tokenizer('none')
     transform = build_transform('test', RES, normalisation=normalisation_of(config))
     with open(os.path.join(args.root, 'pretrain.json')) as f:
@@ -116,7 +120,7 @@ def main(argv=None):
     last = [sum(h[k] for h in history[-10:]) / 10 for k in range(3)]
     finite = all(math.isfinite(v) for h in history for v in h)
     print(f'{args.steps} steps in {time.time() - started:.0f} s, seed {args.seed}, lr {args.lr}, loss weights '
-          f'{args.loss_weights}')
+          f'{args.loss_weights}, init std {args.init_std}, LayerScale {args.layer_scale or None}')
     checks = [('every loss finite at every step', finite)]
     for k, name in enumerate(names):
         drop = 1 - last[k] / first[k] if first[k] else 0.0

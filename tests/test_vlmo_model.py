@@ -370,3 +370,27 @@ def test_whole_word_masking_equals_the_transformers_4_8_1_collator_on_100_seeded
                                                   golden['vocab_size'], golden['mlm_probability'])
         assert torch.equal(ids, golden['masked_ids'][b].long()), b
         assert torch.equal(labels, golden['labels'][b].long()), b
+
+
+def test_init_std_scales_the_multiway_transformer_only():
+    """`vlmo.init_std` (default 0.02, the official trunc-normal std) sets the Transformer's Linear weights, cls_token
+    and pos_embed; the text embeddings and the heads keep normal(0, 0.02) (the synthetic configs use 0.07)."""
+    arch = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, vlffn_start_layer_index=2, use_abs_pos_emb=True)
+    cfg = {'model': 'vlmo', 'task': 'pretrain', 'image_res': 48, 'max_text_len': 16, 'max_text_len_of_initckpt': 16,
+           'vocab_size': 30522, 'vqa_num_labels': 46}
+
+    def stds(init_std):
+        torch.manual_seed(0)
+        m = VLMo(config={**cfg, 'vlmo': {**arch, **({} if init_std is None else {'init_std': init_std})}},
+                 task='pretrain')
+        body = torch.cat([p.flatten() for n, p in m.transformer.named_parameters()
+                          if n.endswith('.weight') and p.dim() == 2 and 'blocks' in n])
+        return (body.std().item(), m.transformer.cls_token.std().item(), m.transformer.pos_embed.std().item(),
+                m.text_embeddings.word_embeddings.weight.std().item(), m.itm_score.fc.weight.std().item())
+
+    official, scaled = stds(None), stds(0.07)
+    # the 4x64x64 body weights: their sample std is the requested one (trunc_normal_ cuts at +-2, far outside)
+    assert official[0] == pytest.approx(0.02, rel=0.05) and scaled[0] == pytest.approx(0.07, rel=0.05)
+    # same seed, same draws: the Transformer's tensors scale by 0.07 / 0.02, the embeddings and heads do not move
+    assert [s / o for s, o in zip(scaled[:3], official[:3])] == pytest.approx([3.5] * 3, rel=0.01), (scaled, official)
+    assert scaled[3:] == official[3:] and official[3] == pytest.approx(0.02, rel=0.05), (scaled, official)
