@@ -49,9 +49,11 @@ def make_evaluate(config, tokenizer, device, loaders, scores=None):
 
 
 def protocol_of(config, family_scores):
-    """What defines the scores: ALBEF's ITC top-k_test then ITM re-ranking, or the family's own (VLMo: dual)."""
+    """What defines the scores: ALBEF's ITC top-k_test then ITM re-ranking, or the family's own (VLMo: dual, or
+    dual_rerank with its k_test)."""
     if family_scores:
-        return {'scores': (config.get('retrieval') or {}).get('mode', 'dual')}
+        mode = (config.get('retrieval') or {}).get('mode', 'dual')
+        return {'scores': mode, **({'k_test': int(config.get('k_test') or 32)} if mode == 'dual_rerank' else {})}
     return {'k_test': config['k_test'], 'rerank_score': config['rerank_score'],
             'rerank_method': config.get('rerank_method', 'fast')}
 

@@ -313,6 +313,12 @@ class VLMo(nn.Module):
         self.itc_weight = float(weights.get('itc', 1.0))
         self.itm_weight = float(weights.get('itm', 1.0))
         self.vl_branch = bool((config.get('itc') or {}).get('vl_branch', True))
+        # retrieval.mode: dual (official: ITC fine-tuning, dual-encoder scores) or dual_rerank (the supplement's
+        # variant: ITC + ITM fine-tuning, dual top-k_test re-ranked by a fused pass; models/vlmo_retrieval.py)
+        self.retrieval_mode = (config.get('retrieval') or {}).get('mode', 'dual') if task == 'retrieval' else None
+        if self.retrieval_mode not in (None, 'dual', 'dual_rerank'):
+            raise ValueError(f"retrieval.mode: {self.retrieval_mode!r} is not a VLMo retrieval mode; use dual or "
+                             f"dual_rerank")
         self.gather_with_grad = bool((config.get('itc') or {}).get('gather_with_grad', False))
         # stage 2 has no VL expert: the official code forces the start index to the depth for text-only MLM
         vlffn_start = depth if task == 'textmlm' else arch['vlffn_start_layer_index']
@@ -341,7 +347,7 @@ class VLMo(nn.Module):
         self.pooler = Pooler(D)
         if task in ('pretrain', 'textmlm'):
             self.mlm_score = MLMHead(D, self.vocab_size)
-        if task == 'pretrain':
+        if task == 'pretrain' or self.retrieval_mode == 'dual_rerank':  # the re-ranking variant keeps stage 3's
             self.itm_score = LinearHead(D, 2)
         if task in ('pretrain', 'retrieval'):
             self.itc_text_proj = LinearHead(D, D, bias=False)
@@ -585,10 +591,16 @@ class VLMo(nn.Module):
 
     def forward(self, image, text, alpha=0.0, **unused):
         """Pretraining step of Pretrain.py: (loss_mlm, loss_ita, loss_itm) with loss_ita = ITC (the VLMo objectives;
-        stage 2 trains MLM only and reports zero ITC/ITM); the retrieval model's step returns its ITC loss."""
+        stage 2 trains MLM only and reports zero ITC/ITM); the retrieval model's step returns its ITC loss, and with
+        `retrieval.mode: dual_rerank` (ITC, ITM)."""
         ids, mask = self.fixed_length(text)
         if self.task == 'retrieval':  # Retrieval.py (models/vlmo_retrieval.py): ITC over all-gathered features
-            return self.compute_irtr(image, ids, mask)['irtr_loss']
+            irtr = self.compute_irtr(image, ids, mask)
+            if self.retrieval_mode != 'dual_rerank':
+                return irtr['irtr_loss']
+            # the re-ranking variant also trains ITM, with hard negatives from the retrieval ITC logits
+            itm = self.compute_itm(image, ids, mask, irtr['irtr_i2t_logits'], irtr['irtr_t2i_logits'])
+            return irtr['irtr_loss'], itm['itm_loss']
         ids_mlm, labels = self.mask_text(ids)
         if self.task == 'textmlm':
             loss = self.compute_textmlm(ids_mlm, mask, labels)['mlm_loss']
