@@ -161,11 +161,12 @@ def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
 
 
 # ---- runs in the background: started early, read by tests ordered last ---------------------------------------------
-# Each module of BACKGROUND (fixture name -> module) has `start(root, deit, work) -> (runs, BackgroundRun)`: the CODIS
-# and SIMLA learning runs (tests/codis_runs.py, tests/simla_runs.py), started one after the other in a thread of this
-# process as soon as the DeiT stand-in is trained (the first learning test), so that on two cores they run beside the
-# rest of the suite; the fixture of the same name waits for its runs and returns their output folders.
-BACKGROUND = {'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs'}
+# Each module of BACKGROUND (fixture name -> module) has `start(root, deit, work) -> (runs, BackgroundRun)`: the
+# CODIS, SIMLA and VLMo learning runs (tests/codis_runs.py, tests/simla_runs.py, tests/vlmo_runs.py), started one
+# after the other in a thread of this process as soon as the DeiT stand-in is trained (the first learning test), so
+# that on two cores they run beside the rest of the suite; the fixture of the same name waits for its runs and
+# returns their output folders.
+BACKGROUND = {'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs', 'vlmo_runs': 'tests.vlmo_runs'}
 BACKGROUND_FIXTURES = set(BACKGROUND)
 WANTED_RUNS = pytest.StashKey[list]()
 STARTED_RUNS = pytest.StashKey[dict]()
@@ -206,3 +207,4 @@ def _background_fixture(name):
 
 codis_runs = _background_fixture('codis_runs')
 simla_runs = _background_fixture('simla_runs')
+vlmo_runs = _background_fixture('vlmo_runs')
