@@ -132,9 +132,13 @@ SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python -m synthetic.deit)
 
 
 @pytest.fixture(scope='session')
-def synthetic_root(tmp_path_factory):
-    """The synthetic world at its default size (the one `make demo` uses), generated once per test session."""
-    return make_world(tmp_path_factory.mktemp('synthetic'), scale=1.0, seed=0)
+def synthetic_root(request, tmp_path_factory):
+    """The synthetic world at its default size (the one `make demo` uses), generated once per test session; the
+    background runs that need only the world (VLMo's) start as soon as it exists (when a selected test reads them)."""
+    root = make_world(tmp_path_factory.mktemp('synthetic'), scale=1.0, seed=0)
+    wanted = request.config.stash.get(WANTED_RUNS, [])
+    start_background_runs(request.config, [n for n in wanted if n not in NEEDS_DEIT], root, None, tmp_path_factory)
+    return root
 
 
 @pytest.fixture(scope='session')
@@ -144,7 +148,8 @@ def synthetic_deit(request, synthetic_root, tmp_path_factory):
     from synthetic.deit import DEFAULT_NAME
     deit = make_deit(synthetic_root, tmp_path_factory.mktemp('synthetic_deit') / DEFAULT_NAME,
                      epochs=SYNTHETIC_DEIT_EPOCHS, threads=TINY_PRETRAIN_THREADS)
-    start_background_runs(request.config, request.config.stash.get(WANTED_RUNS, []), synthetic_root, deit,
+    wanted = request.config.stash.get(WANTED_RUNS, [])
+    start_background_runs(request.config, [n for n in wanted if n in NEEDS_DEIT], synthetic_root, deit,
                           tmp_path_factory)
     return deit
 
@@ -162,12 +167,13 @@ def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
 
 # ---- runs in the background: started early, read by tests ordered last ---------------------------------------------
 # Each module of BACKGROUND (fixture name -> module) has `start(root, deit, work) -> (runs, BackgroundRun)`: the
-# CODIS and SIMLA learning runs (tests/codis_runs.py, tests/simla_runs.py), started one after the other in a thread of
-# this process as soon as the DeiT stand-in is trained (the first learning test), so that on two cores they run
-# beside the rest of the suite; the fixture of the same name waits for its runs and returns their output folders.
-# VLMo's runs (tests/vlmo_runs.py, the same interface) run in the foreground's turn instead (fixture vlmo_runs below):
-# with them in the background that lane took 15 of the suite's 17 minutes while the foreground ended at 10.
-BACKGROUND = {'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs'}
+# VLMo, CODIS and SIMLA learning runs (tests/vlmo_runs.py, tests/codis_runs.py, tests/simla_runs.py), started one after
+# the other in a thread of this process, so that on two cores they run beside the rest of the suite: VLMo's as soon as
+# the synthetic world exists (it does not use the DeiT stand-in, so it fills the minutes the stand-in trains), the
+# others (NEEDS_DEIT) when the DeiT stand-in is trained (the first learning test). The fixture of the same name waits
+# for its runs and returns their output folders; the tests reading them are ordered last.
+BACKGROUND = {'vlmo_runs': 'tests.vlmo_runs', 'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs'}
+NEEDS_DEIT = {'codis_runs', 'simla_runs'}
 BACKGROUND_FIXTURES = set(BACKGROUND)
 WANTED_RUNS = pytest.StashKey[list]()
 STARTED_RUNS = pytest.StashKey[dict]()
@@ -211,10 +217,10 @@ simla_runs = _background_fixture('simla_runs')
 
 
 @pytest.fixture(scope='session')
-def vlmo_runs(synthetic_root, tmp_path_factory):
-    """tests/vlmo_runs.py's output folders, once its scripts have run (an AssertionError with the log if one
-    failed); they run when the first test asking for them does, beside the background runs."""
-    from tests import vlmo_runs as module
-    runs, run = module.start(str(synthetic_root), None, tmp_path_factory.mktemp('vlmo_runs'))
-    run.wait()
+def vlmo_runs(request, synthetic_root, tmp_path_factory):
+    """tests/vlmo_runs.py's output folders, once its runs have ended (an AssertionError with the log if one failed);
+    started by synthetic_root, without the DeiT stand-in."""
+    (runs, background), = start_background_runs(request.config, ['vlmo_runs'], synthetic_root, None,
+                                                tmp_path_factory)
+    background.wait()
     return runs

@@ -5,7 +5,7 @@ lowers ITC well below chance (ln N) and MLM; and its dual encoder ranks held-out
 chance, zero-shot. Fine-tuning margins (retrieval, VQA and NLVR2 against their image-blind runs) need minutes more
 per task and are measured in the docs.
 
-The runs are tests/vlmo_runs.py's (every setting there), made once per session by the `vlmo_runs` fixture
+The runs are tests/vlmo_runs.py's (every setting there), made in the background beside the rest of the suite
 (tests/conftest.py). The numbers beside each assertion were measured with exactly those settings.
 """
 import math

@@ -3,9 +3,9 @@ researcher runs them (docs/README_vlmo.md, "Synthetic world"): the BEiT stand-in
 stage 2 (text MLM, attention and V-FFN frozen) and stage 3 (ITC + ITM + MLM) through Pretrain.py, then zero-shot
 dual-encoder retrieval through Retrieval.py --evaluate on the held-out test split.
 
-Run by the `vlmo_runs` fixture of tests/conftest.py in the foreground's turn (same interface as tests/codis_runs.py,
-whose runs fill the background lane); it does not use the DeiT stand-in. Every setting is here: the margins of the
-tests were measured with exactly these.
+Started in the background by tests/conftest.py as soon as the synthetic world exists (it does not use the DeiT
+stand-in), before the CODIS and SIMLA runs. Every setting is here: the margins of the tests were measured with
+exactly these.
 """
 import collections
 import json
