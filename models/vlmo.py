@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import losses
 from . import vlmo_checkpoint
+from .vlmo_retrieval import retrieval_mode
 
 TASKS = ('textmlm', 'pretrain', 'retrieval', 'vqa', 'nlvr')
 ENGINE_TASKS = {'pretrain': 'pretrain', 'retrieval': 'retrieval', 'vqa': 'vqa', 'nlvr': 'nlvr'}
@@ -315,10 +316,7 @@ class VLMo(nn.Module):
         self.vl_branch = bool((config.get('itc') or {}).get('vl_branch', True))
         # retrieval.mode: dual (official: ITC fine-tuning, dual-encoder scores) or dual_rerank (the supplement's
         # variant: ITC + ITM fine-tuning, dual top-k_test re-ranked by a fused pass; models/vlmo_retrieval.py)
-        self.retrieval_mode = (config.get('retrieval') or {}).get('mode', 'dual') if task == 'retrieval' else None
-        if self.retrieval_mode not in (None, 'dual', 'dual_rerank'):
-            raise ValueError(f"retrieval.mode: {self.retrieval_mode!r} is not a VLMo retrieval mode; use dual or "
-                             f"dual_rerank")
+        self.retrieval_mode = retrieval_mode(config) if task == 'retrieval' else None
         self.gather_with_grad = bool((config.get('itc') or {}).get('gather_with_grad', False))
         # stage 2 has no VL expert: the official code forces the start index to the depth for text-only MLM
         vlffn_start = depth if task == 'textmlm' else arch['vlffn_start_layer_index']

@@ -82,7 +82,7 @@ def test_retrieval_step_is_the_itc_loss_of_compute_irtr_and_trains_the_towers():
 def test_an_unknown_retrieval_mode_is_refused_naming_the_modes():
     with pytest.raises(ValueError, match='dual, dual_rerank'):
         vr.make_retrieval_step({'retrieval': {'mode': 'rerank'}}, 'cpu')
-    with pytest.raises(ValueError, match='dual or dual_rerank'):
+    with pytest.raises(ValueError, match='dual, dual_rerank'):
         tiny(retrieval={'mode': 'rerank'})
 
 
