@@ -1,6 +1,12 @@
-"""Learning checks on the synthetic world, through the real entry scripts on CPU: NLVR2 (text-assignment step, then
-fine-tuning) and SNLI-VE, both started from the tiny pretrained checkpoint, beat the majority class of their dev and
-test splits by a margin measured beforehand (MARGIN_* below, docs/README_nlvr_ve.md)."""
+"""Checks on the synthetic world, through the real entry scripts on CPU, from the tiny pretrained checkpoint: SNLI-VE
+beats the majority class of its dev and test splits by a margin measured beforehand (MARGIN_VE, docs/README_nlvr_ve.md);
+NLVR2 (text-assignment step, then fine-tuning) runs end to end.
+
+What these short runs learn is the text prior: SNLI-VE's 66.7% here is the "neutral is recognisable from its words"
+level, which its image-blind control reaches too. NLVR2's statements no longer carry one (world format 2: the text
+alone predicts its label at chance, tests/test_synthetic.py), and a 150-step NLVR2 run from this checkpoint stays at
+chance (46.3%); NLVR2 and SNLI-VE beat their image-blind controls only with their full synthetic configs from the
+demo-length pretraining, minutes each: measured in docs/README_synthetic.md (fourth round), not asserted here."""
 import collections
 import json
 import math
@@ -15,21 +21,18 @@ from tests.helpers import REPO, make_world, opts, run_main, run_pretrain
 
 PretrainedTiny = collections.namedtuple('PretrainedTiny', 'checkpoint root')
 
-# One epoch each, warm-up off. NLVR2 runs at 32 px (no detail needed to learn the first signal, and 4x cheaper) with
-# nlvr_momentum_init: after_load: with the official before_load the teacher starts random and, over only 150 steps
-# (0.995^150 = 0.47 of it left), its soft targets hold learning back (seed 0: 57.2% vs 62.2% without distillation).
-# Measured on dev + test of the 0.3-scale world (180 items each task), 5 seeds, 1 CPU thread per run
-# (docs/README_nlvr_ve.md): NLVR2 61.7-67.2% (majority 50%, ~85 s), SNLI-VE 66.7-67.8% (majority 33.3%, ~19 s).
+# One epoch each, warm-up off. NLVR2 runs at 32 px, a few steps: the pipeline end to end (text assignment, the
+# TA -> NLVR2 conversion, training, evaluation, best checkpoint). SNLI-VE measured on dev + test of the 0.3-scale world
+# (180 items), 5 seeds, 1 CPU thread per run (docs/README_nlvr_ve.md): 66.7-67.8% (majority 33.3%, ~19 s).
 PRETRAIN_STEPS = 28        # one epoch of the fallback world's 900 captions at batch 32
 WORLD_SCALE = 0.3
 EVAL_ITEMS = 150           # per held-out split
 TA = {'max_steps_per_epoch': 5}
-NLVR_RUN = {'max_steps_per_epoch': 150, 'schedular.epochs': 1, 'image_res': 32, 'batch_size': 32,
+NLVR_RUN = {'max_steps_per_epoch': 20, 'schedular.epochs': 1, 'image_res': 32, 'batch_size': 32,
             'nlvr_momentum_init': 'after_load', 'optimizer.lr': 2e-4, 'schedular.lr': 2e-4,
             'schedular.warmup_lr': 2e-4}
 VE_RUN = {'max_steps_per_epoch': 30, 'schedular.epochs': 1, 'image_res': 64, 'batch_size_train': 32,
           'optimizer.lr': 1e-3, 'schedular.lr': 1e-3, 'schedular.warmup_lr': 1e-3}
-MARGIN_NLVR = 0.05
 MARGIN_VE = 0.20
 
 
@@ -130,11 +133,15 @@ def held_out_accuracy(record):
         record['val_n'] + record['test_n'])
 
 
-def test_nlvr_through_text_assignment_beats_majority(pretrained, tmp_path):
+def test_nlvr_through_text_assignment_runs_end_to_end(pretrained, tmp_path):
     record = nlvr_pipeline(pretrained, tmp_path)
-    baseline = majority_fraction(held_out(pretrained.root, 'nlvr', tmp_path / 'data'))
-    assert held_out_accuracy(record) >= baseline + MARGIN_NLVR, (record, baseline)
+    assert record['val_n'] == record['test_n'] == EVAL_ITEMS, record
+    assert 0.0 <= record['val_acc'] <= 1.0 and 0.0 <= record['test_acc'] <= 1.0, record
+    assert math.isfinite(record['train_loss']), record
     assert os.path.isfile(tmp_path / 'nlvr' / 'checkpoint_best.pth')
+    # both labels in the held-out slices about equally (each split is exactly balanced; its text alone says nothing of
+    # the label since world format 2)
+    assert majority_fraction(held_out(pretrained.root, 'nlvr', tmp_path / 'data')) <= 0.55
 
 
 def test_ve_beats_majority(pretrained, tmp_path):
