@@ -2,6 +2,7 @@
 every entry script gets through create_dataset, making each split's pictures uninformative about its texts while
 texts, labels, answers and ids stay as annotated."""
 import collections
+import json
 import os
 
 import pytest
@@ -140,3 +141,40 @@ def test_question_kind_prior_of_scripts_vqa_prior():
     # '2' right, 'no' wrong, 'red' wrong, an unseen kind gets the overall 'no': wrong
     assert result['kind_prior'] == pytest.approx(25.0) and result['questions'] == 4
     assert result['most_common_answer'] == 'no' and result['most_common'] == pytest.approx(0.0)
+
+
+def test_demo_report_puts_every_task_beside_its_control(world, tmp_path, capsys):
+    """scripts/demo_report.py, the demo's closing table: the numbers of the run folders scripts/demo.sh writes, each
+    task's image-blind run beside it, the model-free references from the world's files; missing runs left out."""
+    from scripts.demo_report import main
+
+    def write(name, metrics, **extra):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / 'metrics.json', 'w') as f:
+            json.dump({'metrics': metrics, **extra}, f)
+
+    os.makedirs(tmp_path / 'pretrain')
+    (tmp_path / 'pretrain' / 'log.txt').write_text(json.dumps({'zeroshot_txt_r1': 1.0, 'zeroshot_img_r1': 2.0}) + '\n'
+                                                  + json.dumps({'zeroshot_txt_r1': 31.25, 'zeroshot_img_r1': 28.5}))
+    write('retrieval', {}, test={'txt_r1': 40.0, 'img_r1': 35.0})
+    write('vqa', {'test_vqa_acc': 49.4})
+    write('vqa_blind', {'test_vqa_acc': 41.4})
+    write('ve', {'val_acc': 0.753, 'test_acc': 0.737})
+    write('nlvr', {'val_acc': 0.57, 'test_acc': 0.59})
+    write('nlvr_blind', {'val_acc': 0.5, 'test_acc': 0.48})
+    splits = ('val_d', 'testA_d', 'testB_d')
+    write('grounding', {}, accuracy=dict(zip(splits, (0.3, 0.31, 0.32))),
+          random_proposal=dict(zip(splits, (0.18, 0.19, 0.18))))
+    write('grounding_blind', {}, accuracy=dict(zip(splits, (0.1, 0.11, 0.12))))
+    table = {row[0]: row[2:] for row in main(['--out', str(tmp_path), '--root', world])}
+    with open(os.path.join(world, 'retrieval_test.json')) as f:
+        chance = f'chance {100 / len(json.load(f)):.1f}'
+    assert table['pretraining, zero-shot (ITC only)'] == ('31.2 / 28.5', chance, '')
+    assert table['retrieval fine-tuned, ITM re-ranked'] == ('40.0 / 35.0', chance, '')
+    assert 'retrieval zero-shot, ITM re-ranked' not in table  # not run: left out
+    assert table['VQA'][:2] == ('49.4', '41.4') and table['VQA'][2].startswith('question-kind prior')
+    assert table['SNLI-VE'][:2] == ('75.3 / 73.7', 'not run')
+    assert table['NLVR2'] == ('57.0 / 59.0', '50.0 / 48.0', 'majority 50.0 / 50.0')
+    assert table['grounding (ITM Grad-CAM)'] == ('30.0 / 31.0 / 32.0', '10.0 / 11.0 / 12.0',
+                                                 'random proposal 18.0 / 19.0 / 18.0')
+    assert 'NLVR2' in capsys.readouterr().out
