@@ -167,13 +167,16 @@ def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
 
 # ---- runs in the background: started early, read by tests ordered last ---------------------------------------------
 # Each module of BACKGROUND (fixture name -> module) has `start(root, deit, work) -> (runs, BackgroundRun)`: the
-# VLMo, CODIS and SIMLA learning runs (tests/vlmo_runs.py, tests/codis_runs.py, tests/simla_runs.py), started one after
-# the other in a thread of this process, so that on two cores they run beside the rest of the suite: VLMo's as soon as
+# VLMo, CODIS and SIMLA learning runs (tests/vlmo_runs.py, tests/codis_runs.py, tests/simla_runs.py), each a sequence
+# of scripts run by a thread of this process (in the lanes of AFTER), beside the rest of the suite: VLMo's as soon as
 # the synthetic world exists (it does not use the DeiT stand-in, so it fills the minutes the stand-in trains), the
 # others (NEEDS_DEIT) when the DeiT stand-in is trained (the first learning test). The fixture of the same name waits
 # for its runs and returns their output folders; the tests reading them are ordered last.
 BACKGROUND = {'vlmo_runs': 'tests.vlmo_runs', 'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs'}
 NEEDS_DEIT = {'codis_runs', 'simla_runs'}
+# Two lanes beside the foreground: VLMo then CODIS in one, SIMLA (the longest) alone in the other; a run named here
+# starts when the run it names ends (when both are started), the others at once.
+AFTER = {'codis_runs': 'vlmo_runs'}
 BACKGROUND_FIXTURES = set(BACKGROUND)
 WANTED_RUNS = pytest.StashKey[list]()
 STARTED_RUNS = pytest.StashKey[dict]()
@@ -187,12 +190,13 @@ def pytest_collection_finish(session):
 
 
 def start_background_runs(config, names, root, deit, tmp_path_factory):
-    """Start the runs of `names` not started yet, each after the previous one ends; killed at the session's end."""
+    """Start the runs of `names` not started yet, each after the run AFTER names (if started); killed at the
+    session's end."""
     import importlib
     started = config.stash.setdefault(STARTED_RUNS, {})
     for name in names:
         if name not in started:
-            previous = list(started.values())[-1][1] if started else None
+            previous = started[AFTER[name]][1] if AFTER.get(name) in started else None
             runs, background = importlib.import_module(BACKGROUND[name]).start(
                 str(root), deit, tmp_path_factory.mktemp(name), after=previous)
             config.add_cleanup(background.stop)

@@ -6,8 +6,8 @@ import json
 import os
 
 import Grounding
+from tests.helpers import REPO, opts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A short fine-tuning at the config's (the official) learning rate, 64 px as pretrained; the rest is
 # configs/Grounding_synthetic.yaml.
 RUN = {'schedular.epochs': 1, 'max_steps_per_epoch': 30, 'optimizer.lr': 1e-5, 'schedular.warmup_lr': 1e-5,
@@ -22,10 +22,6 @@ SPLITS = ('val_d', 'testA_d', 'testB_d')
 # image-blind control is wide at every seed (+0.109 at least).
 MARGIN = 0.01          # accuracy over a random proposal
 MARGIN_BLIND = 0.08    # accuracy over the fine-tuned model shown one fixed picture (image_blind=fixed at test time)
-
-
-def opts(**values):
-    return [arg for key, value in values.items() for arg in ('--opt', f'{key}={value}')]
 
 
 def grounding_argv(checkpoint, out, root, *extra, **keys):
