@@ -8,13 +8,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 DATA=data/synthetic
 OUT=${DEMO_OUT:-output/demo}
-# The stages that run alone (DeiT stand-in, pretraining, probe) give the model every core; on up to 2 cores the
-# pretraining loads its pictures in the training process (measured on 2 cores: 2 threads and no loader worker 42
-# samples/s, 1 thread and 2 workers 29; the stand-in 69 s with 2 threads, 110 s with 1). The fine-tuning lanes below
-# run one thread each.
-NPROC=$(nproc)
-if [ "$NPROC" -gt 2 ]; then THREADS=$(( NPROC - 2 )); WORKERS=2; else THREADS=$NPROC; WORKERS=0; fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
+# One core for the model, the rest for the data workers. The DeiT stand-in, which holds its pictures in memory, uses
+# every core (69 s with 2 threads against 110 s with 1, on 2 cores). Pretraining with 2 threads and no loader workers
+# steps faster (42 samples/s against 29) but was not kept: its one run's grounding fell to 11.3 / 9.9 / 9.5 against
+# 24.6 / 25.0 / 23.7 for this setting from the same stand-in (docs/README_synthetic.md, fifth round).
+STAND_IN_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))}
 
 if [ ! -f "$DATA/manifest.json" ]; then
   echo "== generating the synthetic world under $DATA"
@@ -23,12 +22,12 @@ fi
 
 if [ ! -f "$DATA/deit_synthetic.pth" ]; then
   echo "== the DeiT stand-in: supervised attribute classification of the tiny ViT on the training pictures"
-  $PY -m synthetic.deit --root "$DATA" --config configs/Pretrain_synthetic.yaml
+  OMP_NUM_THREADS=$STAND_IN_THREADS $PY -m synthetic.deit --root "$DATA" --config configs/Pretrain_synthetic.yaml
 fi
 
 echo "== pretraining the tiny ALBEF on CPU (configs/Pretrain_synthetic.yaml, ViT initialised from the stand-in)"
 $PY Pretrain.py --config configs/Pretrain_synthetic.yaml --output_dir "$OUT/pretrain" --text_encoder none \
-  --device cpu --seed 42 --opt num_workers=$WORKERS
+  --device cpu --seed 42
 
 # does the pretrained fusion encoder read the picture? ITM and masked words with the right picture against another one
 $PY scripts/probe_fusion.py --checkpoint "$OUT/pretrain/checkpoint_last.pth" --root "$DATA"
