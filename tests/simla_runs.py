@@ -1,8 +1,7 @@
 """The runs that tests/test_simla_learning.py reads: SIMLA pretraining on the synthetic world through Pretrain.py
 (configs/simla/Pretrain_synthetic.yaml: shared stream, color_quant MIM, PSL), then every downstream script from its
 checkpoint with the SIMLA synthetic configs: Retrieval.py, VQA.py, VE.py, Grounding.py,
-and Pretrain_nlvr.py (text assignment) followed by NLVR.py from the TA checkpoint; last, apart from that chain, the
-spec's 200-step training signal from random init (tests/signal_run.py).
+and Pretrain_nlvr.py (text assignment) followed by NLVR.py from the TA checkpoint.
 
 Started in the background by tests/conftest.py (like tests/codis_runs.py) as soon as the DeiT stand-in exists; every
 setting is here, and the margins of the tests were measured with exactly these.
@@ -27,7 +26,7 @@ RETRIEVAL_LR = {'optimizer.lr': 1e-3, 'schedular.lr': 1e-3}
 HELD_OUT_IMAGES = 30   # retrieval: the first pictures of retrieval_test.json
 HELD_OUT_ITEMS = 96    # VQA questions, SNLI-VE and NLVR2 items of each held-out split
 
-SimlaRuns = collections.namedtuple('SimlaRuns', 'root pretrain retrieval vqa ve grounding ta nlvr signal log')
+SimlaRuns = collections.namedtuple('SimlaRuns', 'root pretrain retrieval vqa ve grounding ta nlvr log')
 
 
 def task_argv(config, checkpoint, out, steps, **keys):
@@ -41,8 +40,8 @@ def start(root, deit, work, after=None):
     """Start the runs under `work`, after the BackgroundRun `after` if given;
     returns (SimlaRuns of their output folders, BackgroundRun)."""
     root, work = str(root), str(work)
-    runs = SimlaRuns(root, *(os.path.join(work, name) for name in SimlaRuns._fields[1:-2]),
-                     os.path.join(work, 'signal.json'), os.path.join(work, 'runs.log'))
+    runs = SimlaRuns(root, *(os.path.join(work, name) for name in SimlaRuns._fields[1:-1]),
+                     os.path.join(work, 'runs.log'))
     checkpoint = os.path.join(runs.pretrain, 'checkpoint_last.pth')
     held = lambda name, **n: slice_file(os.path.join(root, f'{name}.json'), os.path.join(work, f'{name}.json'), **n)
     retrieval_test = held('retrieval_test', n_images=HELD_OUT_IMAGES)
@@ -72,7 +71,5 @@ def start(root, deit, work, after=None):
         ('Pretrain_nlvr.py', task_argv('NLVR_pretrain_synthetic.yaml', checkpoint, runs.ta, STEPS['ta'], **ta)),
         ('NLVR.py', task_argv('NLVR_synthetic.yaml', os.path.join(runs.ta, 'checkpoint_last.pth'), runs.nlvr,
                               STEPS['nlvr'], **nlvr)),
-        # the spec's training signal from random init (tests/signal_run.py), apart from the chain above
-        ('tests.signal_run', ['simla', '--root', root, '--out', runs.signal]),
     ]
     return runs, BackgroundRun(commands, runs.log, after=after)

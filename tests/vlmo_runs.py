@@ -1,8 +1,7 @@
 """The runs that tests/test_vlmo_learning.py reads: VLMo's stages on the synthetic world through the CLI, as a
 researcher runs them (docs/README_vlmo.md, "Synthetic world"): the BEiT stand-in (python -m synthetic.beit, stage 1),
 stage 2 (text MLM, attention and V-FFN frozen) and stage 3 (ITC + ITM + MLM) through Pretrain.py, then zero-shot
-dual-encoder retrieval through Retrieval.py --evaluate on the held-out test split; last, apart from that chain, the
-spec's 200-step training signal from random init (tests/signal_run.py).
+dual-encoder retrieval through Retrieval.py --evaluate on the held-out test split.
 
 Started in the background by tests/conftest.py as soon as the synthetic world exists (it does not use the DeiT
 stand-in), before the CODIS and SIMLA runs. Every setting is here: the margins of the tests were measured with
@@ -20,7 +19,7 @@ STAND_IN = {'epochs': 12, 'seed': 0}    # the recipe's stand-in (python -m synth
 STAGE2_EPOCHS = 1                       # of 60 steps (half the recipe's)
 STAGE3_EPOCHS = 6                       # of 60 steps of 16 pairs (the recipe: 8)
 
-VlmoRuns = collections.namedtuple('VlmoRuns', 'root beit lines stage2 stage3 zero_shot signal log')
+VlmoRuns = collections.namedtuple('VlmoRuns', 'root beit lines stage2 stage3 zero_shot log')
 
 
 def write_caption_lines(root, target):
@@ -40,7 +39,7 @@ def start(root, deit, work, after=None):
     root, work = str(root), str(work)
     runs = VlmoRuns(root, os.path.join(work, 'beit.pth'), os.path.join(work, 'captions.txt'),
                     *(os.path.join(work, name) for name in ('stage2', 'stage3', 'zero_shot')),
-                    os.path.join(work, 'signal.json'), os.path.join(work, 'runs.log'))
+                    os.path.join(work, 'runs.log'))
     write_caption_lines(root, runs.lines)
     common = ['--device', 'cpu', '--seed', str(SEED)]
     stage2 = ['--config', os.path.join(CONFIGS, 'Pretrain_stage2_synthetic.yaml'), '--output_dir', runs.stage2,
@@ -60,7 +59,5 @@ def start(root, deit, work, after=None):
         ('Pretrain.py', stage2),
         ('Pretrain.py', stage3),
         ('Retrieval.py', zero_shot),
-        # the spec's training signal from random init (tests/signal_run.py), not a stage of the chain above
-        ('tests.signal_run', ['vlmo', '--root', root, '--out', runs.signal]),
     ]
     return runs, BackgroundRun(commands, runs.log, after=after)
