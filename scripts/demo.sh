@@ -10,7 +10,7 @@ DATA=data/synthetic
 OUT=${DEMO_OUT:-output/demo}
 # One core for the model, the rest for the data workers. The DeiT stand-in, which holds its pictures in memory, uses
 # every core (69 s with 2 threads against 110 s with 1, on 2 cores). Pretraining with 2 threads and no loader workers
-# steps faster (42 samples/s against 29) but was not kept: its one run's grounding fell to 11.3 / 9.9 / 9.5 against
+# steps faster (42 samples/s against 25-29) but was not kept: its one run's grounding fell to 11.3 / 9.9 / 9.5 against
 # 24.6 / 25.0 / 23.6 for this setting from the same stand-in (docs/README_synthetic.md, fifth round).
 STAND_IN_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))}
