@@ -19,6 +19,13 @@ def distill_targets(sim_m, hard_targets, alpha):
     return alpha * F.softmax(sim_m.float(), dim=1) + (1 - alpha) * hard_targets
 
 
+def distillation_off(alpha):
+    """True when `alpha` is exactly the number 0: `(1 - alpha) * loss + alpha * distill` is then `loss` bit for bit
+    (finite `distill`), so the soft-label term and the soft labels themselves need not be computed. The momentum
+    passes that give them still run wherever they draw dropout masks, so a run's random stream is the same."""
+    return isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha == 0
+
+
 def identity_targets(sim):
     """One-hot ITC targets: identity on the first B columns, zero on the queue (pretraining)."""
     targets = torch.zeros(sim.size(), device=sim.device)
@@ -113,7 +120,7 @@ def mlm_loss(logits, labels, soft_labels=None, alpha=0.0, softmax_dim='vocab'):
     if not bool(selected.any()):
         return logits.sum() * 0.0
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
-    if soft_labels is not None:
+    if soft_labels is not None and not distillation_off(alpha):
         dim = -1 if softmax_dim == 'vocab' else 1  # 'seq': the pre-2022-03 official bug (issue #58)
         distill = -torch.sum(F.log_softmax(logits, dim=dim) * soft_labels, dim=-1)
         loss = (1 - alpha) * loss + alpha * distill[selected].mean()
@@ -127,7 +134,7 @@ def lm_loss(shifted_logits, targets, reduction='mean', soft_labels=None, alpha=0
     loss = F.cross_entropy(shifted_logits.view(-1, V), targets.view(-1), reduction=reduction)
     if reduction == 'none':
         loss = loss.view(shifted_logits.size(0), -1).sum(1)
-    if soft_labels is not None:
+    if soft_labels is not None and not distillation_off(alpha):
         distill = -torch.sum(F.log_softmax(shifted_logits, dim=-1) * soft_labels, dim=-1)
         distill = (distill * (targets != -100)).sum(1)
         loss = (1 - alpha) * loss + alpha * distill
@@ -416,7 +423,7 @@ def lm_loss_seq_distill(shifted_logits, targets, reduction='mean', soft_labels=N
     """`lm_loss` whose distillation log-softmax runs over dim 1, the sequence (SIMLA's release decoder, and ALBEF's
     before its fix): (1 - alpha) * NLL + alpha * sum over non-ignored targets of -sum_v log_softmax(., dim=1) * soft."""
     loss = lm_loss(shifted_logits, targets, reduction)
-    if soft_labels is None:
+    if soft_labels is None or distillation_off(alpha):
         return loss
     distill = -torch.sum(F.log_softmax(shifted_logits.float(), dim=1) * soft_labels, dim=-1)
     distill = (distill * (targets != -100)).sum(1)
@@ -432,7 +439,7 @@ def mim_loss(logits, codes, soft_targets=None, alpha=0.0):
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     loss = F.cross_entropy(logits, codes)
-    if soft_targets is None:
+    if soft_targets is None or distillation_off(alpha):
         return loss
     distill = -torch.sum(F.log_softmax(logits, dim=-1) * soft_targets, dim=-1).mean()
     return (1 - alpha) * loss + alpha * distill
@@ -511,6 +518,6 @@ def psl_loss(logits, hard_targets, soft_targets=None, alpha=0.0):
     """(1 - alpha) * BCE(logits, hard) + alpha * BCE(logits, soft), each the mean over all B x V entries."""
     logits = logits.float()
     loss = F.binary_cross_entropy_with_logits(logits, hard_targets)
-    if soft_targets is None:
+    if soft_targets is None or distillation_off(alpha):
         return loss
     return (1 - alpha) * loss + alpha * F.binary_cross_entropy_with_logits(logits, soft_targets.float())

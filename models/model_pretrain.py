@@ -36,15 +36,18 @@ class ALBEF(AlbefBase):
         input_ids, labels = losses.mask_tokens(input_ids, self.text_encoder.config.vocab_size, self.mlm_probability,
                                                tok.pad_token_id, tok.cls_token_id, tok.mask_token_id, labels)
         image_atts = image_mask(image_embeds)
+        soft_labels = None
         with torch.no_grad():
+            # the momentum pass runs even at alpha 0: its dropout masks are part of the run's random stream
             hidden_m = self.encode_multimodal(self.text_encoder_m, input_ids, text.attention_mask, image_embeds_m,
                                               image_atts)
-            if self.mlm_softmax_dim == 'vocab':  # soft labels are only read at the masked positions
-                logits_m = self.text_encoder_m.logits_at(hidden_m, labels != -100)
-            else:
-                logits_m = self.text_encoder_m.cls(hidden_m)
+            if not losses.distillation_off(alpha):  # at alpha 0 the soft labels would be multiplied by 0
+                if self.mlm_softmax_dim == 'vocab':  # soft labels are only read at the masked positions
+                    logits_m = self.text_encoder_m.logits_at(hidden_m, labels != -100)
+                else:
+                    logits_m = self.text_encoder_m.cls(hidden_m)
+                soft_labels = F.softmax(logits_m.float(), dim=-1)
         out = self.text_encoder(input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
                                 encoder_attention_mask=image_atts, return_dict=True, labels=labels,
-                                soft_labels=F.softmax(logits_m.float(), dim=-1), alpha=alpha,
-                                softmax_dim=self.mlm_softmax_dim)
+                                soft_labels=soft_labels, alpha=alpha, softmax_dim=self.mlm_softmax_dim)
         return out.loss

@@ -67,6 +67,73 @@ def test_mlm_loss_is_zero_not_nan_when_nothing_is_masked():
     assert torch.isfinite(logits.grad).all()
 
 
+def _value_and_grad(fn, logits):
+    logits = logits.detach().clone().requires_grad_(True)
+    loss = fn(logits)
+    loss.sum().backward()
+    return loss.detach(), logits.grad
+
+
+@pytest.mark.parametrize('name', ['mlm_vocab', 'mlm_seq', 'lm', 'lm_seq', 'mim', 'psl'])
+def test_alpha_zero_skips_only_a_term_that_is_exactly_zero(name):
+    """At alpha 0 the soft-label term is not computed; value and gradient are those of (1 - 0) * hard + 0 * soft."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 40)
+    soft = torch.softmax(torch.randn(3, 6, 40), -1)
+    labels = torch.randint(40, (3, 6))
+    labels[:, ::2] = -100
+    kept = labels != -100
+    codes, hard_bits = labels[0].clamp(min=0), (soft[0] > 0.03).float()
+    cases = {  # name: (the loss at a given alpha, with soft labels; the soft term written out)
+        'mlm_vocab': (lambda x, a: losses.mlm_loss(x, labels, soft, a),
+                      lambda x: -torch.sum(F.log_softmax(x, -1) * soft, -1)[kept].mean()),
+        'mlm_seq': (lambda x, a: losses.mlm_loss(x, labels, soft, a, 'seq'),
+                    lambda x: -torch.sum(F.log_softmax(x, 1) * soft, -1)[kept].mean()),
+        'lm': (lambda x, a: losses.lm_loss(x, labels, 'none', soft, a),
+               lambda x: (-torch.sum(F.log_softmax(x, -1) * soft, -1) * kept).sum(1)),
+        'lm_seq': (lambda x, a: losses.lm_loss_seq_distill(x, labels, 'none', soft, a),
+                   lambda x: (-torch.sum(F.log_softmax(x, 1) * soft, -1) * kept).sum(1)),
+        'mim': (lambda x, a: losses.mim_loss(x[0], codes, soft[0], a),
+                lambda x: -torch.sum(F.log_softmax(x[0], -1) * soft[0], -1).mean()),
+        'psl': (lambda x, a: losses.psl_loss(x[0], hard_bits, soft[0], a),
+                lambda x: F.binary_cross_entropy_with_logits(x[0], soft[0])),
+    }
+    hard = {'mlm_vocab': lambda x: losses.mlm_loss(x, labels), 'mlm_seq': lambda x: losses.mlm_loss(x, labels),
+            'lm': lambda x: losses.lm_loss(x, labels, 'none'), 'lm_seq': lambda x: losses.lm_loss(x, labels, 'none'),
+            'mim': lambda x: losses.mim_loss(x[0], codes), 'psl': lambda x: losses.psl_loss(x[0], hard_bits)}[name]
+    loss, soft_term = cases[name]
+    value, grad = _value_and_grad(lambda x: loss(x, 0.0), logits)
+    full_value, full_grad = _value_and_grad(lambda x: (1 - 0.0) * hard(x) + 0.0 * soft_term(x), logits)
+    assert torch.equal(value, full_value) and torch.equal(grad, full_grad)
+    mixed, _ = _value_and_grad(lambda x: loss(x, 0.1), logits)  # a non-zero alpha still mixes the soft term in
+    assert torch.allclose(mixed, 0.9 * hard(logits) + 0.1 * soft_term(logits), atol=1e-6)
+    assert not torch.allclose(mixed, value)
+
+
+@pytest.mark.parametrize('softmax_dim', ['vocab', 'seq'])
+def test_alpha_zero_pretraining_step_is_the_full_computation_bit_for_bit(monkeypatch, softmax_dim):
+    """The momentum MLM soft labels are skipped at alpha 0; losses, gradients and the random stream (dropout on) are
+    those of the full computation."""
+    def run(skip):
+        monkeypatch.setattr(losses, 'distillation_off', (lambda alpha: alpha == 0) if skip else (lambda alpha: False))
+        torch.manual_seed(3)
+        model = build_model('pretrain', REF).train()
+        model.mlm_softmax_dim = softmax_dim
+        for encoder in (model.text_encoder, model.text_encoder_m):
+            encoder.distill_softmax_dim = softmax_dim
+        torch.manual_seed(5)
+        i = REF['inputs']
+        out = model(i['image'], text_input(i['input_ids'], i['attention_mask']), alpha=0.0)
+        sum(out).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return [x.detach() for x in out], grads, torch.rand(3)
+    (losses_a, grads_a, after_a), (losses_b, grads_b, after_b) = run(True), run(False)
+    assert all(torch.equal(x, y) for x, y in zip(losses_a, losses_b))
+    assert len(grads_a) == len(grads_b) > 0 and all(torch.equal(x, y) for x, y in zip(grads_a, grads_b))
+    assert torch.equal(after_a, after_b)  # the same number of random draws
+
+
 def test_hard_negatives_never_crash():
     with pytest.raises(ValueError, match='at least 2'):
         losses.sanitize_negative_weights(torch.zeros(1, 1))
