@@ -134,18 +134,11 @@ def start_script(name, argv=(), log=None, nproc=None, launcher_args=(), threads=
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-# The niceness of the background runs: on the two-core CI machine the suite is bound by CPU and the test process is
-# its longest chain (the background runs end minutes before it at equal priority), so the runs yield to it: the tests
-# keep one core and the runs share the other. Their outputs do not depend on it.
-BACKGROUND_NICE = 5
-
-
 class BackgroundRun:
     """Scripts run one after another, each a subprocess, by a thread of this process that starts at once: a long run
     the tests read only at the end of the session overlaps with the tests before (the machine has two cores and the
     tests use one thread). `commands` is a list of (name, argv) as for script_command; every output goes to `log`;
-    `after`: a BackgroundRun whose end this one waits for before its first command. The scripts run at the lower
-    priority BACKGROUND_NICE.
+    `after`: a BackgroundRun whose end this one waits for before its first command.
     wait() blocks until the last script has ended and raises AssertionError, with the log's tail, if one failed;
     stop() kills what still runs (the session's clean-up)."""
 
@@ -168,7 +161,7 @@ class BackgroundRun:
                     log.flush()
                     self._proc = subprocess.Popen(script_command(name, argv), cwd=REPO,
                                                   env=script_env(self.threads, self.env), stdout=log,
-                                                  stderr=subprocess.STDOUT, preexec_fn=_lower_priority)
+                                                  stderr=subprocess.STDOUT)
                     started = time.time()
                     code = self._proc.wait()
                     log.write(f'# {name} exited with {code} after {time.time() - started:.1f} s\n')
@@ -194,10 +187,6 @@ class BackgroundRun:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-
-
-def _lower_priority():
-    os.nice(BACKGROUND_NICE)
 
 
 def slice_file(source, target, n_images=None, n_items=None):
