@@ -85,24 +85,22 @@ def test_alpha_zero_skips_only_a_term_that_is_exactly_zero(name):
     labels[:, ::2] = -100
     kept = labels != -100
     codes, hard_bits = labels[0].clamp(min=0), (soft[0] > 0.03).float()
-    cases = {  # name: (the loss at a given alpha, with soft labels; the soft term written out)
-        'mlm_vocab': (lambda x, a: losses.mlm_loss(x, labels, soft, a),
+    cases = {  # name: (the loss at a given alpha with soft labels, the same loss without them, the soft term)
+        'mlm_vocab': (lambda x, a: losses.mlm_loss(x, labels, soft, a), lambda x: losses.mlm_loss(x, labels),
                       lambda x: -torch.sum(F.log_softmax(x, -1) * soft, -1)[kept].mean()),
-        'mlm_seq': (lambda x, a: losses.mlm_loss(x, labels, soft, a, 'seq'),
+        'mlm_seq': (lambda x, a: losses.mlm_loss(x, labels, soft, a, 'seq'), lambda x: losses.mlm_loss(x, labels),
                     lambda x: -torch.sum(F.log_softmax(x, 1) * soft, -1)[kept].mean()),
-        'lm': (lambda x, a: losses.lm_loss(x, labels, 'none', soft, a),
+        'lm': (lambda x, a: losses.lm_loss(x, labels, 'none', soft, a), lambda x: losses.lm_loss(x, labels, 'none'),
                lambda x: (-torch.sum(F.log_softmax(x, -1) * soft, -1) * kept).sum(1)),
         'lm_seq': (lambda x, a: losses.lm_loss_seq_distill(x, labels, 'none', soft, a),
+                   lambda x: losses.lm_loss(x, labels, 'none'),
                    lambda x: (-torch.sum(F.log_softmax(x, 1) * soft, -1) * kept).sum(1)),
-        'mim': (lambda x, a: losses.mim_loss(x[0], codes, soft[0], a),
+        'mim': (lambda x, a: losses.mim_loss(x[0], codes, soft[0], a), lambda x: losses.mim_loss(x[0], codes),
                 lambda x: -torch.sum(F.log_softmax(x[0], -1) * soft[0], -1).mean()),
-        'psl': (lambda x, a: losses.psl_loss(x[0], hard_bits, soft[0], a),
+        'psl': (lambda x, a: losses.psl_loss(x[0], hard_bits, soft[0], a), lambda x: losses.psl_loss(x[0], hard_bits),
                 lambda x: F.binary_cross_entropy_with_logits(x[0], soft[0])),
     }
-    hard = {'mlm_vocab': lambda x: losses.mlm_loss(x, labels), 'mlm_seq': lambda x: losses.mlm_loss(x, labels),
-            'lm': lambda x: losses.lm_loss(x, labels, 'none'), 'lm_seq': lambda x: losses.lm_loss(x, labels, 'none'),
-            'mim': lambda x: losses.mim_loss(x[0], codes), 'psl': lambda x: losses.psl_loss(x[0], hard_bits)}[name]
-    loss, soft_term = cases[name]
+    loss, hard, soft_term = cases[name]
     value, grad = _value_and_grad(lambda x: loss(x, 0.0), logits)
     full_value, full_grad = _value_and_grad(lambda x: (1 - 0.0) * hard(x) + 0.0 * soft_term(x), logits)
     assert torch.equal(value, full_value) and torch.equal(grad, full_grad)
@@ -115,8 +113,10 @@ def test_alpha_zero_skips_only_a_term_that_is_exactly_zero(name):
 def test_alpha_zero_pretraining_step_is_the_full_computation_bit_for_bit(monkeypatch, softmax_dim):
     """The momentum MLM soft labels are skipped at alpha 0; losses, gradients and the random stream (dropout on) are
     those of the full computation."""
+    shortcut = losses.distillation_off
+
     def run(skip):
-        monkeypatch.setattr(losses, 'distillation_off', (lambda alpha: alpha == 0) if skip else (lambda alpha: False))
+        monkeypatch.setattr(losses, 'distillation_off', shortcut if skip else (lambda alpha: False))
         torch.manual_seed(3)
         model = build_model('pretrain', REF).train()
         model.mlm_softmax_dim = softmax_dim
