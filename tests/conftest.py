@@ -35,6 +35,7 @@ KIND_OF_FILE = {
     'test_data_transforms.py': 'unit',
     'test_distributed.py': 'e2e',
     'test_entry_contract.py': 'e2e',
+    'test_forked_launch.py': 'e2e',
     'test_grounding_eval.py': 'unit',
     'test_grounding_learning.py': 'learning',
     'test_grounding_parity.py': 'parity',

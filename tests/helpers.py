@@ -7,6 +7,9 @@ and run an entry script, in this process or as a subprocess (plain or under torc
     run_pretrain(root, out, ...)                that run, in this process; returns out/checkpoint_last.pth
     run_main(script, argv)                      any entry script's main() in this process
     run_script(name, argv) / start_script(...)  a script or module in a subprocess: run to the end / started
+    run_forked(name, argv) / start_forked(...)  the same, forked from a process that has imported torch and the
+                                                entry scripts once (saves their ~8 s of imports per launch)
+    spawn(fn, args, nprocs)                     torch.multiprocessing.spawn, its processes forked the same way
     BackgroundRun(commands, log)                several scripts one after another in the background; wait() joins
     slice_file(source, target, ...)             the first pictures or entries of an annotation file
     read_log(out) / read_steps(out)             a run's log.txt epoch records / train_steps.jsonl lines
@@ -17,7 +20,9 @@ measured with exactly those settings.
 import contextlib
 import importlib
 import json
+import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 import threading
@@ -134,8 +139,116 @@ def start_script(name, argv=(), log=None, nproc=None, launcher_args=(), threads=
                             stdout=log, stderr=subprocess.STDOUT)
 
 
+# ---- launches from a warm fork server ----------------------------------------------------------------------------
+# A plain launch of an entry script spends ~8 s of CPU importing torch, torchvision (which imports torch._dynamo),
+# transformers and timm before its first step; the suite launches dozens. multiprocessing's fork server imports
+# FORK_PRELOAD once and forks every launch from that state: the child then runs the script as __main__ (runpy), so
+# it computes exactly what `python Script.py ...` computes (same code, seeds and thread count; checked bit for bit by
+# tests/test_forked_launch.py). Tests of process behaviour (torchrun, signals, a fresh interpreter's hash seed) keep
+# real subprocesses (run_script / start_script).
+FORK_PRELOAD = ['torch', 'torchvision', 'transformers', 'timm', 'engine', 'models', 'dataset', 'Pretrain',
+                'Retrieval', 'VQA', 'NLVR', 'VE', 'Grounding', 'Pretrain_nlvr', 'synthetic.beit', 'tests.helpers']
+_FORK_CONTEXT = []
+_FORK_LOCK = threading.Lock()
+
+
+def fork_context():
+    """The multiprocessing context of the fork server (started on first use, with FORK_PRELOAD imported)."""
+    with _FORK_LOCK:
+        if not _FORK_CONTEXT:
+            context = multiprocessing.get_context('forkserver')
+            context.set_forkserver_preload(FORK_PRELOAD)
+            _FORK_CONTEXT.append(context)
+    return _FORK_CONTEXT[0]
+
+
+def _forked_main(name, argv, env, threads, stdout_path, stderr_path):
+    """The child of start_forked: stdout / stderr into the given files, the environment and thread count of a
+    subprocess launch, then `name` run as __main__ from the repository root with `argv`."""
+    for fd, path in ((1, stdout_path), (2, stderr_path or stdout_path)):
+        target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    os.chdir(REPO)
+    os.environ.clear()
+    os.environ.update(env)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sys.argv = [name, *argv]
+    if name.endswith('.py'):
+        runpy.run_path(os.path.join(REPO, name), run_name='__main__')
+    else:
+        sys.modules.pop(name, None)  # imported by the preload: run afresh as __main__, as `python -m` does
+        runpy.run_module(name, run_name='__main__', alter_sys=True)
+
+
+class ForkedProcess:
+    """What start_forked returns: the part of subprocess.Popen's interface the tests use (pid, poll, wait,
+    send_signal, kill, returncode) over a multiprocessing.Process."""
+
+    def __init__(self, process):
+        self.process, self.pid = process, process.pid
+
+    @property
+    def returncode(self):
+        return self.process.exitcode
+
+    def poll(self):
+        return self.process.exitcode
+
+    def wait(self, timeout=None):
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.process.name, timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig):
+        if self.process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.process.kill()
+
+
+def start_forked(name, argv=(), log=None, threads=1, env=None, stderr=None):
+    """Start `name` (a file of the repository, 'Pretrain.py', or a module, 'synthetic.beit') forked from the fork
+    server, its stdout appended to the file `log` (a path) and its stderr to `stderr` (a path; default: `log`);
+    returns a ForkedProcess (as subprocess.Popen: poll, wait, kill, returncode)."""
+    process = fork_context().Process(target=_forked_main, name=f'forked {name}',
+                                     args=(name, [str(a) for a in argv], script_env(threads, env), threads,
+                                           str(log), None if stderr is None else str(stderr)))
+    process.start()
+    return ForkedProcess(process)
+
+
+def run_forked(name, argv=(), threads=1, env=None, timeout=300):
+    """run_script's twin through start_forked: runs `name` to its end and returns a CompletedProcess with its
+    return code and its output as text (killed after `timeout` seconds, returncode then negative)."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix='forked_') as tmp:
+        out, err = os.path.join(tmp, 'stdout'), os.path.join(tmp, 'stderr')
+        open(out, 'w').close()
+        open(err, 'w').close()
+        process = start_forked(name, argv, out, threads=threads, env=env, stderr=err)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        with open(out, errors='replace') as f_out, open(err, errors='replace') as f_err:
+            return subprocess.CompletedProcess([name, *map(str, argv)], code, f_out.read(), f_err.read())
+
+
+def spawn(fn, args=(), nprocs=2):
+    """torch.multiprocessing.spawn(fn, args, nprocs) with the processes forked from the fork server instead of fresh
+    interpreters: `fn(rank, *args)` must be a module-level function of an importable module (a test file)."""
+    import torch.multiprocessing as mp
+    fork_context()  # the server starts with FORK_PRELOAD imported
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method='forkserver')
+
+
 class BackgroundRun:
-    """Scripts run one after another, each a subprocess, by a thread of this process that starts at once: a long run
+    """Scripts run one after another, each forked (start_forked), by a thread of this process that starts at once: a long run
     the tests read only at the end of the session overlaps with the tests before (the machine has two cores and the
     tests use one thread). `commands` is a list of (name, argv) as for script_command; every output goes to `log`;
     `after`: a BackgroundRun whose end this one waits for before its first command.
@@ -153,15 +266,14 @@ class BackgroundRun:
         if self.after is not None:
             self.after._thread.join()
         try:
-            with open(self.log, 'w') as log:
+            open(self.log, 'w').close()
+            with open(self.log, 'a') as log:  # appended to by the scripts too (start_forked)
                 for name, argv in self.commands:
                     if self._stopped:
                         return
                     log.write(f'$ {" ".join(script_command(name, argv))}\n')
                     log.flush()
-                    self._proc = subprocess.Popen(script_command(name, argv), cwd=REPO,
-                                                  env=script_env(self.threads, self.env), stdout=log,
-                                                  stderr=subprocess.STDOUT)
+                    self._proc = start_forked(name, argv, self.log, threads=self.threads, env=self.env)
                     started = time.time()
                     code = self._proc.wait()
                     log.write(f'# {name} exited with {code} after {time.time() - started:.1f} s\n')

@@ -4,8 +4,8 @@ import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.helpers import spawn
 from tests.parity_utils import build_model, load_reference, text_input
 
 
@@ -40,7 +40,7 @@ def _worker(rank, world, port, result_dir):
 
 def test_enqueue_gathers_features_of_both_ranks(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(world)]
     B = results[0]['image_feat_m'].shape[0]
     assert not torch.allclose(results[0]['image_feat_m'], results[1]['image_feat_m'])

@@ -1,10 +1,9 @@
 """Pictures of a REAL tiny run (`python -m reproduce plot`) and one synthetic cell run end to end with
-`python -m reproduce run` then `report`. Both start entry scripts as subprocesses, so this file is e2e."""
+`python -m reproduce run` then `report`. Both run entry scripts in processes of their own (tests/helpers.py:
+run_forked), so this file is e2e."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +11,7 @@ from reproduce.__main__ import main as cli
 from reproduce.cells import REPO_ROOT, load_table
 from reproduce.plot import plot_runs, read_jsonl
 from reproduce.report import collect
+from tests.helpers import run_forked
 
 pytestmark = pytest.mark.e2e
 
@@ -35,11 +35,11 @@ def tiny_run(world, tmp_path_factory):
     opts = {'train_file': f'[{world}/pretrain.json]', 'image_root': str(world),
             'val_file': f'{world}/retrieval_test.json', 'init_deit': 'false', 'num_workers': 0, 'batch_size': 4,
             'queue_size': 32, 'max_steps_per_epoch': STEPS, 'schedular.epochs': EPOCHS, 'log_every': 1}
-    argv = [sys.executable, 'Pretrain.py', '--config', 'configs/Pretrain_synthetic.yaml', '--output_dir', str(out),
+    argv = ['--config', 'configs/Pretrain_synthetic.yaml', '--output_dir', str(out),
             '--text_encoder', 'none', '--device', 'cpu', '--seed', '0']
     for key, value in opts.items():
         argv += ['--opt', f'{key}={value}']
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
+    proc = run_forked('Pretrain.py', argv, env=ENV, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -90,9 +90,8 @@ def test_plot_several_runs_side_by_side(tiny_run, tmp_path, capsys):
 
 def test_run_then_report_a_synthetic_cell(world, tmp_path):
     out = tmp_path / 'run_ve'
-    proc = subprocess.run([sys.executable, '-m', 'reproduce', 'run', 'synthetic.ve', '--data_root', str(world),
-                           '--output_dir', str(out), '--', '--device', 'cpu', '--seed', '0'],
-                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
+    proc = run_forked('reproduce', ['run', 'synthetic.ve', '--data_root', str(world), '--output_dir', str(out), '--',
+                                    '--device', 'cpu', '--seed', '0'], env=ENV, timeout=1200)
     first = proc.stdout.splitlines()[0] if proc.stdout else ''
     assert 'VE.py --config configs/VE_synthetic.yaml' in first and '--device cpu' in first
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

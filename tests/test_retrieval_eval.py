@@ -8,7 +8,6 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from evaluation.rerank import (CHUNK_BYTES, MAX_CHUNK, MIN_CHUNK, auto_pair_batch, chunk_size, evaluate_retrieval,
@@ -17,6 +16,7 @@ from evaluation.rerank import (CHUNK_BYTES, MAX_CHUNK, MIN_CHUNK, auto_pair_batc
 from evaluation.retrieval import text_backbone
 from models.checkpoint import load_retrieval_checkpoint
 from models.model_retrieval import ALBEF
+from tests.helpers import spawn
 from tests.parity_utils import StubTokenizer, build_model, load_reference
 
 REF = load_reference('retrieval')
@@ -164,7 +164,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     loader, tok = eval_inputs()
     single = {m: evaluate_retrieval(model, loader, tok, 'cpu', k_test=4, method=m, progress=False)
               for m in ('reference', 'fast')}
-    mp.spawn(_two_process_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_two_process_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         results = torch.load(tmp_path / f'rank{rank}.pt', weights_only=False)
         for method, (i2t, t2i) in results.items():

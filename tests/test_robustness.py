@@ -87,13 +87,12 @@ def test_sigkill_mid_epoch_then_resume_auto_gives_the_same_weights(world, tmp_pa
         'checkpoint_last.pth']
 
     cut = tmp_path / 'cut'
-    with open(tmp_path / 'killed.log', 'w') as log:
-        proc = helpers.start_script('Pretrain.py', pretrain_argv(world, cut, **steps), log)
-        try:
-            wait_for(cut / 'checkpoint_01_step000002.pth', proc)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    proc = helpers.start_forked('Pretrain.py', pretrain_argv(world, cut, **steps), tmp_path / 'killed.log')
+    try:
+        wait_for(cut / 'checkpoint_01_step000002.pth', proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not (cut / 'checkpoint_01.pth').exists(), 'the run finished before it was killed'
 
     # a second copy whose two newest files are damaged: --resume auto must fall back to checkpoint_00.pth

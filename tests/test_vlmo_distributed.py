@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from models.vlmo import VLMo
+from tests.helpers import spawn
 
 WORLD, B, L = 2, 2, 8
 ARCH = {'patch_size': 8, 'embed_dim': 32, 'depth': 2, 'num_heads': 2, 'mlp_ratio': 2, 'vlffn_start_layer_index': 1,
@@ -71,7 +71,7 @@ def _worker(rank, port, out, gather_with_grad):
 
 
 def run_two_ranks(tmp_path, gather_with_grad):
-    mp.spawn(_worker, args=(_port(), str(tmp_path), gather_with_grad), nprocs=WORLD, join=True)
+    spawn(_worker, args=(_port(), str(tmp_path), gather_with_grad), nprocs=WORLD)
     return [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(WORLD)]
 
 

@@ -21,6 +21,7 @@ from optim import create_optimizer
 from optim.adamw_hf import AdamWHF
 from optim.vlmo import vlmo_param_groups
 from scheduler import StepScheduler, create_scheduler, create_step_scheduler, schedule_steps, warmup_step
+from tests.helpers import spawn
 
 torch.set_num_threads(1)
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'vlmo')
@@ -431,11 +432,10 @@ def _ddp_worker(rank, world, port, out):
 
 def test_accumulation_under_ddp_equals_the_global_batch(tmp_path):
     import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / 'ddp')), nprocs=2, join=True)
+    spawn(_ddp_worker, args=(2, port, str(tmp_path / 'ddp')), nprocs=2)
     single = Toy()
     engine.fit(toy_args(tmp_path / 'one'), step_config(batch_size=8), single, toy_loader(8), toy_step)
     ranks = [torch.load(tmp_path / 'ddp' / f'rank{r}.pt', weights_only=True) for r in range(2)]

@@ -15,7 +15,7 @@ from engine.config import load_config
 from models import registry
 from models.tokenization import build_tokenizer
 from models.vlmo_tasks import VQATargets, answer_score, check_vocabulary, evaluate_vqa, make_vqa_step
-from tests.helpers import REPO, make_world, opts, run_script
+from tests.helpers import REPO, make_world, opts, run_forked
 
 CONFIGS = os.path.join(REPO, 'configs', 'vlmo')
 ANSWERS = ['yes', 'no', 'blue', 'navy', 'purple', 'dark green']
@@ -229,7 +229,7 @@ def run(script, config, out, root, checkpoint=None, evaluate=False, **keys):
     if evaluate:
         argv += ['--evaluate']
     argv += opts(max_steps_per_epoch=3, num_workers=0, log_every=1, **{'schedule.epochs': 1}, **keys)
-    proc = run_script(script, argv, timeout=240)
+    proc = run_forked(script, argv, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(out, 'metrics.json')) as f:
         return json.load(f), proc.stdout

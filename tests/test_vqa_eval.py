@@ -7,11 +7,11 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import engine
 from evaluation.vqa_eval import (check_results, dedup_results, ground_truth_answers, most_common_answer_accuracy,
                                  normalize_answer, predict_answers, score_results, vqa_accuracy)
+from tests.helpers import spawn
 
 
 @pytest.mark.parametrize('raw, expected', [
@@ -113,7 +113,7 @@ def test_save_result_merges_ranks(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2)
     merged = json.load(open(tmp_path / 'vqa_result_epoch7.json'))
     assert merged == [{'question_id': q, 'answer': str(q)} for q in range(5)]
     check_results(merged, range(5))
