@@ -170,6 +170,7 @@ def _forked_main(name, argv, env, threads, stdout_path, stderr_path):
         os.dup2(target, fd)
         os.close(target)
     os.chdir(REPO)
+    multiprocessing.set_start_method(None, force=True)  # the platform's default again (the server's child had its own)
     os.environ.clear()
     os.environ.update(env)
     if threads is not None:

@@ -36,3 +36,20 @@ def test_a_failing_forked_run_reports_its_exit_code_and_error(tmp_path):
     proc = run_forked('Pretrain.py', ['--config', str(tmp_path / 'absent.yaml'), '--output_dir', str(tmp_path / 'o')])
     assert proc.returncode != 0
     assert 'absent.yaml' in proc.stdout + proc.stderr
+
+
+def test_a_forked_run_starts_with_the_interpreters_default_start_method(tmp_path):
+    """Whatever start method this process set, a forked script's DataLoader workers start as in a fresh interpreter
+    (the server's children inherit its forkserver method, which cannot pickle a dataset holding modules)."""
+    import multiprocessing
+    probe = tmp_path / 'probe.py'
+    probe.write_text("import multiprocessing\nprint('start method', multiprocessing.get_start_method())\n")
+    fresh = run_script(str(probe), timeout=60)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method('forkserver', force=True)
+    try:
+        forked = run_forked(str(probe), timeout=60)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert fresh.returncode == 0 and forked.returncode == 0, fresh.stderr + forked.stderr
+    assert forked.stdout == fresh.stdout and 'start method' in fresh.stdout
