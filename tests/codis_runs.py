@@ -30,9 +30,10 @@ def fine_tune_argv(config, checkpoint, out, steps, **keys):
                   **keys)]
 
 
-def start(root, deit, work, after=None):
-    """Start the runs under `work` (a directory), after the BackgroundRun `after` if given;
-    returns (CodisRuns of their output folders, BackgroundRun)."""
+def start(root, deit, work, after=()):
+    """Start the runs under `work` (a directory), after the BackgroundRuns `after` (the DeiT stand-in's): the
+    pretraining, then the three scripts from its checkpoint; returns (CodisRuns of their output folders,
+    BackgroundRun)."""
     work = str(work)
     runs = CodisRuns(str(root), *(os.path.join(work, name) for name in ('pretrain', 'zero_shot', 'retrieval', 'vqa')),
                      os.path.join(work, 'runs.log'))
@@ -49,9 +50,9 @@ def start(root, deit, work, after=None):
         ('Pretrain.py', pretrain_argv(root, runs.pretrain, deit, seed=SEED, config=CONFIG,
                                       val_file=f'{root}/retrieval_test.json', **PRETRAIN_OPTS)),
         ('Retrieval.py', fine_tune_argv('Retrieval_synthetic.yaml', checkpoint, runs.zero_shot, 1, **retrieval_data)
-         + ['--evaluate']),
+         + ['--evaluate'], [0]),
         ('Retrieval.py', fine_tune_argv('Retrieval_synthetic.yaml', checkpoint, runs.retrieval,
-                                        FINE_TUNE_STEPS['retrieval'], **retrieval_data)),
-        ('VQA.py', fine_tune_argv('VQA_synthetic.yaml', checkpoint, runs.vqa, FINE_TUNE_STEPS['vqa'], **vqa_data)),
+                                        FINE_TUNE_STEPS['retrieval'], **retrieval_data), [0]),
+        ('VQA.py', fine_tune_argv('VQA_synthetic.yaml', checkpoint, runs.vqa, FINE_TUNE_STEPS['vqa'], **vqa_data), [0]),
     ]
     return runs, BackgroundRun(commands, runs.log, after=after)

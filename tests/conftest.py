@@ -11,7 +11,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from tests.helpers import make_deit, make_world, run_pretrain  # noqa: E402
+from tests.helpers import PRETRAIN_CONFIG, BackgroundRun, make_world, pretrain_argv  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -106,14 +106,14 @@ def pytest_collection_modifyitems(config, items):
             doubled.append(f'{item.nodeid}: {", ".join(sorted(own))}')
         elif not own:
             item.add_marker(kind)
-    # the background runs (BACKGROUND below) start when the DeiT stand-in is trained: the tests that train it go
-    # first, the tests reading those runs last, so that the runs overlap with everything in between
+    # the background runs (below) start with the session: the tests that read them go after the others (the
+    # family runs' readers last), so that the runs overlap with everything before
     def uses(item, names):
         return bool(set(names) & set(getattr(item, 'fixturenames', ())))
-    late = [item for item in items if uses(item, BACKGROUND_FIXTURES)]
-    early = [item for item in items if item not in late and uses(item, ('synthetic_deit',))]
-    if late or early:
-        items[:] = early + [item for item in items if item not in late and item not in early] + late
+    last = [item for item in items if uses(item, BACKGROUND_FIXTURES)]
+    later = [item for item in items if item not in last and uses(item, FOREGROUND_READERS)]
+    if last or later:
+        items[:] = [item for item in items if item not in last and item not in later] + later + last
     if unknown or doubled:
         lines = [f'{name} is not in KIND_OF_FILE of tests/conftest.py: add it with one of {", ".join(KINDS)}'
                  for name in sorted(unknown)]
@@ -121,7 +121,7 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError('tests without a kind:\n  ' + '\n  '.join(lines))
 
 
-# ---- the tiny pretrained model shared by the learning tests ------------------------------------------------------
+# ---- the DeiT stand-in and the tiny pretrained model shared by the learning tests --------------------------------
 TinyPretrained = collections.namedtuple('TinyPretrained', 'checkpoint root output_dir')
 
 # The pretraining run of the learning test (tests/test_pretrain_learning.py); the fine-tuning tests start from its
@@ -132,52 +132,18 @@ TINY_PRETRAIN_THREADS = 1
 SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python -m synthetic.deit)
 
 
-@pytest.fixture(scope='session')
-def synthetic_root(request, tmp_path_factory):
-    """The synthetic world at its default size (the one `make demo` uses), generated once per test session; the
-    background runs that need only the world (VLMo's) start as soon as it exists (when a selected test reads them)."""
-    root = make_world(tmp_path_factory.mktemp('synthetic'), scale=1.0, seed=0)
-    wanted = request.config.stash.get(WANTED_RUNS, [])
-    start_background_runs(request.config, [n for n in wanted if n not in NEEDS_DEIT], root, None, tmp_path_factory)
-    return root
-
-
-@pytest.fixture(scope='session')
-def synthetic_deit(request, synthetic_root, tmp_path_factory):
-    """The DeiT stand-in of the synthetic recipe (python -m synthetic.deit), trained once per session; the background
-    runs that start from it are started as soon as it exists (when a selected test reads them)."""
-    from synthetic.deit import DEFAULT_NAME
-    deit = make_deit(synthetic_root, tmp_path_factory.mktemp('synthetic_deit') / DEFAULT_NAME,
-                     epochs=SYNTHETIC_DEIT_EPOCHS, threads=TINY_PRETRAIN_THREADS)
-    wanted = request.config.stash.get(WANTED_RUNS, [])
-    start_background_runs(request.config, [n for n in wanted if n in NEEDS_DEIT], synthetic_root, deit,
-                          tmp_path_factory)
-    return deit
-
-
-@pytest.fixture(scope='session')
-def tiny_pretrained(synthetic_root, synthetic_deit, tmp_path_factory):
-    """(checkpoint, root, output_dir) of Pretrain.py run on the synthetic world with configs/Pretrain_synthetic.yaml,
-    starting from the synthetic DeiT stand-in as the recipe does."""
-    out = tmp_path_factory.mktemp('tiny_pretrain')
-    root = synthetic_root
-    checkpoint = run_pretrain(root, out, deit=synthetic_deit, seed=42, val_file=f'{root}/retrieval_test.json',
-                              threads=TINY_PRETRAIN_THREADS, **TINY_PRETRAIN_OPTS)
-    return TinyPretrained(checkpoint, str(root), str(out))
-
-
-# ---- runs in the background: started early, read by tests ordered last ---------------------------------------------
-# Each module of BACKGROUND (fixture name -> module) has `start(root, deit, work) -> (runs, BackgroundRun)`: the
-# VLMo, CODIS and SIMLA learning runs (tests/vlmo_runs.py, tests/codis_runs.py, tests/simla_runs.py), each a sequence
-# of scripts run by a thread of this process (in the lanes of AFTER), beside the rest of the suite: VLMo's as soon as
-# the synthetic world exists (it does not use the DeiT stand-in, so it fills the minutes the stand-in trains), the
-# others (NEEDS_DEIT) when the DeiT stand-in is trained (the first learning test). The fixture of the same name waits
-# for its runs and returns their output folders; the tests reading them are ordered last.
+# ---- runs in the background: started with the session, read by tests ordered after the rest ------------------------
+# Everything that trains on the synthetic world for minutes runs as scripts in the background (tests/helpers.py:
+# BackgroundRun, two scripts at a time, each forked once the scripts it needs have ended) beside the unit, parity
+# and e2e tests, from the moment the synthetic world exists (an autouse fixture creates it first when a selected test
+# needs one of these runs): the DeiT stand-in (python -m synthetic.deit) and the tiny ALBEF pretraining from it
+# (Pretrain.py), which the foreground learning tests read (`synthetic_deit`, `tiny_pretrained`), and the VLMo, CODIS
+# and SIMLA learning runs (tests/vlmo_runs.py, tests/codis_runs.py, tests/simla_runs.py: `start(root, deit, work) ->
+# (runs, BackgroundRun)`), CODIS's and SIMLA's after the stand-in. A fixture waits for its run and returns its
+# outputs; the tests that read them come after the others, the family runs' readers last.
 BACKGROUND = {'vlmo_runs': 'tests.vlmo_runs', 'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs'}
-NEEDS_DEIT = {'codis_runs', 'simla_runs'}
-# Two lanes beside the foreground: VLMo then CODIS in one, SIMLA (the longest) alone in the other; a run named here
-# starts when the run it names ends (when both are started), the others at once.
-AFTER = {'codis_runs': 'vlmo_runs'}
+NEEDS_DEIT = {'codis_runs', 'simla_runs', 'tiny_pretrained'}
+FOREGROUND_READERS = ('synthetic_deit', 'tiny_pretrained')  # fixtures that wait for a background run
 BACKGROUND_FIXTURES = set(BACKGROUND)
 WANTED_RUNS = pytest.StashKey[list]()
 STARTED_RUNS = pytest.StashKey[dict]()
@@ -186,46 +152,92 @@ STARTED_RUNS = pytest.StashKey[dict]()
 def pytest_collection_finish(session):
     used = set()
     for item in session.items:
-        used |= BACKGROUND_FIXTURES & set(getattr(item, 'fixturenames', ()))
-    session.config.stash[WANTED_RUNS] = [name for name in BACKGROUND if name in used]
+        used |= set(getattr(item, 'fixturenames', ()))
+    wanted = [name for name in (*FOREGROUND_READERS, *BACKGROUND) if name in used]
+    if any(name in NEEDS_DEIT for name in wanted) and 'synthetic_deit' not in wanted:
+        wanted.insert(0, 'synthetic_deit')
+    session.config.stash[WANTED_RUNS] = wanted
 
 
-def start_background_runs(config, names, root, deit, tmp_path_factory):
-    """Start the runs of `names` not started yet, each after the run AFTER names (if started); killed at the
-    session's end."""
+def start_background_runs(config, root, tmp_path_factory):
+    """Start every wanted run (WANTED_RUNS) not started yet; killed at the session's end. Returns {name: (outputs,
+    BackgroundRun)}."""
     import importlib
+    from synthetic.deit import DEFAULT_NAME
     started = config.stash.setdefault(STARTED_RUNS, {})
-    for name in names:
-        if name not in started:
-            previous = started[AFTER[name]][1] if AFTER.get(name) in started else None
-            runs, background = importlib.import_module(BACKGROUND[name]).start(
-                str(root), deit, tmp_path_factory.mktemp(name), after=previous)
-            config.add_cleanup(background.stop)
-            started[name] = (runs, background)
-    return [started[name] for name in names]
+    wanted = [name for name in config.stash.get(WANTED_RUNS, []) if name not in started]
+    for name in wanted:
+        deit = started['synthetic_deit'][0] if 'synthetic_deit' in started else None
+        after = [started['synthetic_deit'][1]] if name in NEEDS_DEIT else []
+        if name == 'synthetic_deit':
+            work = tmp_path_factory.mktemp('synthetic_deit')
+            outputs = str(work / DEFAULT_NAME)
+            background = BackgroundRun([('synthetic.deit', ['--root', root, '--output', outputs, '--config',
+                                                            PRETRAIN_CONFIG, '--epochs', SYNTHETIC_DEIT_EPOCHS])],
+                                       work / 'runs.log', threads=TINY_PRETRAIN_THREADS, priority=0)
+        elif name == 'tiny_pretrained':
+            work = tmp_path_factory.mktemp('tiny_pretrain')
+            out = work / 'pretrain'
+            outputs = TinyPretrained(str(out / 'checkpoint_last.pth'), str(root), str(out))
+            background = BackgroundRun([('Pretrain.py', pretrain_argv(root, out, deit, seed=42,
+                                                                      val_file=f'{root}/retrieval_test.json',
+                                                                      **TINY_PRETRAIN_OPTS))],
+                                       work / 'runs.log', threads=TINY_PRETRAIN_THREADS, after=after, priority=0)
+        else:
+            outputs, background = importlib.import_module(BACKGROUND[name]).start(
+                str(root), deit, tmp_path_factory.mktemp(name), after=after)
+        config.add_cleanup(background.stop)
+        started[name] = (outputs, background)
+    return started
+
+
+@pytest.fixture(scope='session')
+def synthetic_root(request, tmp_path_factory):
+    """The synthetic world at its default size (the one `make demo` uses), generated once per test session; the
+    background runs (WANTED_RUNS) start as soon as it exists."""
+    root = make_world(tmp_path_factory.mktemp('synthetic'), scale=1.0, seed=0)
+    start_background_runs(request.config, root, tmp_path_factory)
+    return root
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _background_runs_start_first(request):
+    """Creates the synthetic world, and with it the background runs, before the first test when a selected test
+    reads one of them."""
+    if request.config.stash.get(WANTED_RUNS, []):
+        request.getfixturevalue('synthetic_root')
+
+
+def _wait_for(request, name):
+    started = request.config.stash[STARTED_RUNS]
+    outputs, background = started[name]
+    background.wait()
+    return outputs
+
+
+@pytest.fixture(scope='session')
+def synthetic_deit(request, synthetic_root):
+    """The path of the DeiT stand-in of the synthetic recipe (python -m synthetic.deit, its default 4 epochs),
+    trained once per session in the background."""
+    return _wait_for(request, 'synthetic_deit')
+
+
+@pytest.fixture(scope='session')
+def tiny_pretrained(request, synthetic_root, synthetic_deit):
+    """(checkpoint, root, output_dir) of Pretrain.py run on the synthetic world with configs/Pretrain_synthetic.yaml
+    and TINY_PRETRAIN_OPTS, starting from the synthetic DeiT stand-in as the recipe does (in the background)."""
+    return _wait_for(request, 'tiny_pretrained')
 
 
 def _background_fixture(name):
     @pytest.fixture(scope='session', name=name)
-    def fixture(request, synthetic_root, synthetic_deit, tmp_path_factory):
-        (runs, background), = start_background_runs(request.config, [name], synthetic_root, synthetic_deit,
-                                                    tmp_path_factory)
-        background.wait()
-        return runs
+    def fixture(request, synthetic_root):
+        return _wait_for(request, name)
     fixture.__doc__ = (f"{BACKGROUND[name]}'s output folders, once its runs have ended (an AssertionError with "
                        f"the log if one failed).")
     return fixture
 
 
+vlmo_runs = _background_fixture('vlmo_runs')
 codis_runs = _background_fixture('codis_runs')
 simla_runs = _background_fixture('simla_runs')
-
-
-@pytest.fixture(scope='session')
-def vlmo_runs(request, synthetic_root, tmp_path_factory):
-    """tests/vlmo_runs.py's output folders, once its runs have ended (an AssertionError with the log if one failed);
-    started by synthetic_root, without the DeiT stand-in."""
-    (runs, background), = start_background_runs(request.config, ['vlmo_runs'], synthetic_root, None,
-                                                tmp_path_factory)
-    background.wait()
-    return runs

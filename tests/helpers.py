@@ -10,7 +10,7 @@ and run an entry script, in this process or as a subprocess (plain or under torc
     run_forked(name, argv) / start_forked(...)  the same, forked from a process that has imported torch and the
                                                 entry scripts once (saves their ~8 s of imports per launch)
     spawn(fn, args, nprocs)                     torch.multiprocessing.spawn, its processes forked the same way
-    BackgroundRun(commands, log)                several scripts one after another in the background; wait() joins
+    BackgroundRun(commands, log)                scripts run in the background by a shared pool; wait() joins
     slice_file(source, target, ...)             the first pictures or entries of an annotation file
     read_log(out) / read_steps(out)             a run's log.txt epoch records / train_steps.jsonl lines
 
@@ -248,58 +248,179 @@ def spawn(fn, args=(), nprocs=2):
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method='forkserver')
 
 
+# ---- background runs: scripts with dependencies, run by a shared pool of worker threads -----------------------------
+BACKGROUND_WORKERS = 2  # scripts running at once beside the tests (the CI machine has two cores)
+
+
+class _Pool:
+    """The worker threads that run every BackgroundRun's scripts: a script starts when the scripts it needs have
+    ended well and a worker is free; among ready scripts, those that others wait for go first (they open the way
+    to more work), then the oldest. One pool per test session, started on first use."""
+
+    def __init__(self, workers):
+        self.ready = threading.Condition()
+        self.queue = []  # (script, run) waiting for a worker, in submission order
+        self.threads = [threading.Thread(target=self._work, name=f'background-worker-{i}', daemon=True)
+                        for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, run, scripts):
+        with self.ready:
+            self.queue.extend((script, run) for script in scripts)
+            self.ready.notify_all()
+
+    def _next(self):
+        """The first runnable script (removing those whose run failed or stopped), or None."""
+        runnable = []
+        for item in list(self.queue):
+            script, run = item
+            failed = [other for other in run.after if other.error is not None or other.stopped]
+            if failed and run.error is None:
+                run.error = f'it needs the background run of {failed[0].log}, which failed'
+            if run.error is not None or run.stopped:
+                self.queue.remove(item)
+                run.skip(script)
+            elif all(run.codes.get(i) == 0 for i in script.needs) and all(o.succeeded() for o in run.after):
+                runnable.append(item)
+        if not runnable:
+            return None
+        item = min(runnable, key=lambda it: (it[1].priority, not it[0].needed, self.queue.index(it)))
+        self.queue.remove(item)
+        return item
+
+    def _work(self):
+        while True:
+            with self.ready:
+                item = self._next()
+                while item is None:
+                    self.ready.wait()
+                    item = self._next()
+            script, run = item
+            run.execute(script)
+            self.wake()
+
+    def wake(self):
+        with self.ready:
+            self.ready.notify_all()
+
+
+_POOL = []
+
+
+def background_pool():
+    with _FORK_LOCK:
+        if not _POOL:
+            _POOL.append(_Pool(BACKGROUND_WORKERS))
+    return _POOL[0]
+
+
+class _Script:
+    def __init__(self, index, name, argv, needs):
+        self.index, self.name, self.argv, self.needs = index, name, [str(a) for a in argv], tuple(needs)
+        self.needed = False  # another script of the run needs this one
+
+
 class BackgroundRun:
-    """Scripts run one after another, each forked (start_forked), by a thread of this process that starts at once: a long run
-    the tests read only at the end of the session overlaps with the tests before (the machine has two cores and the
-    tests use one thread). `commands` is a list of (name, argv) as for script_command; every output goes to `log`;
-    `after`: a BackgroundRun whose end this one waits for before its first command.
-    wait() blocks until the last script has ended and raises AssertionError, with the log's tail, if one failed;
-    stop() kills what still runs (the session's clean-up)."""
+    """Scripts run in the background, each forked (start_forked) by the shared pool of BACKGROUND_WORKERS worker
+    threads, beside the rest of the suite: a long run the tests read only at the end of the session overlaps with
+    the tests before (the machine has two cores and the tests use one thread). `commands` is a list of
+    (name, argv) as for script_command, or (name, argv, needs) with `needs` the indices of the earlier commands
+    it starts after (default: the one before it); `after`: other BackgroundRuns that must have ended well before
+    any of these scripts starts; `priority`: ready scripts of lower values start first (then those that other
+    scripts need, then the oldest). Each script's output goes to a file of its own, and wait() writes them, in
+    the order of `commands`, to `log` (a `$ command` line before each output, an `# ... exited with` line after
+    it). wait() blocks until every script has ended (or was skipped after a failure) and raises AssertionError,
+    with the log's tail, if one failed; stop() kills what still runs (the session's clean-up). `pool`: a _Pool of
+    its own instead of the session's."""
 
-    def __init__(self, commands, log, threads=1, env=None, after=None):
-        self.commands, self.log, self.threads, self.env = list(commands), str(log), threads, env
-        self.after = after  # another BackgroundRun to let finish first (one run at a time beside the tests)
-        self.error, self._proc, self._stopped = None, None, False
-        self._thread = threading.Thread(target=self._run, name='background-run', daemon=True)
-        self._thread.start()
+    def __init__(self, commands, log, threads=1, env=None, after=(), priority=1, pool=None):
+        self.log, self.threads, self.env = str(log), threads, env
+        self.pool = pool or background_pool()
+        self.after, self.priority = list(after), priority
+        self.scripts = []
+        for index, command in enumerate(commands):
+            name, argv, *needs = command
+            needs = needs[0] if needs else ([index - 1] if index else [])
+            assert all(0 <= i < index for i in needs), f'command {index} needs a later or unknown command: {needs}'
+            self.scripts.append(_Script(index, name, argv, needs))
+        for script in self.scripts:
+            for i in script.needs:
+                self.scripts[i].needed = True
+        self.codes, self.seconds, self.error, self.stopped = {}, {}, None, False
+        self.done = threading.Condition()
+        self._procs = {}
+        self.pool.submit(self, self.scripts)
 
-    def _run(self):
-        if self.after is not None:
-            self.after._thread.join()
+    def part(self, script):
+        return f'{self.log}.{script.index:02d}'
+
+    def execute(self, script):
+        """Run one script to its end (called by a pool worker)."""
+        if self.stopped:
+            return self.skip(script)
+        open(self.part(script), 'w').close()
+        started = time.time()
         try:
-            open(self.log, 'w').close()
-            with open(self.log, 'a') as log:  # appended to by the scripts too (start_forked)
-                for name, argv in self.commands:
-                    if self._stopped:
-                        return
-                    log.write(f'$ {" ".join(script_command(name, argv))}\n')
-                    log.flush()
-                    self._proc = start_forked(name, argv, self.log, threads=self.threads, env=self.env)
-                    started = time.time()
-                    code = self._proc.wait()
-                    log.write(f'# {name} exited with {code} after {time.time() - started:.1f} s\n')
-                    log.flush()
-                    if code != 0:
-                        self.error = f'{name} exited with {code}'
-                        return
+            proc = start_forked(script.name, script.argv, self.part(script), threads=self.threads, env=self.env)
+            with self.done:
+                self._procs[script.index] = proc
+            code = proc.wait()
         except Exception as exc:  # reported by wait()
-            self.error = f'{type(exc).__name__}: {exc}'
+            code = f'{type(exc).__name__}: {exc}'
+        with self.done:
+            self._procs.pop(script.index, None)
+            self.codes[script.index], self.seconds[script.index] = code, time.time() - started
+            if code != 0 and self.error is None:
+                self.error = f'{script.name} exited with {code}'
+            self.done.notify_all()
+
+    def succeeded(self):
+        return len(self.codes) == len(self.scripts) and all(code == 0 for code in self.codes.values())
+
+    def skip(self, script):
+        with self.done:
+            self.codes.setdefault(script.index, None)
+            self.done.notify_all()
+
+    def _write_log(self):
+        with open(self.log, 'w') as log:
+            for script in self.scripts:
+                if script.index not in self.codes or self.codes[script.index] is None:
+                    continue
+                log.write(f'$ {" ".join(script_command(script.name, script.argv))}\n')
+                with open(self.part(script), errors='replace') as f:
+                    log.write(f.read())
+                log.write(f'# {script.name} exited with {self.codes[script.index]} after '
+                          f'{self.seconds[script.index]:.1f} s\n')
 
     def wait(self, timeout=3600):
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        deadline = time.time() + timeout
+        with self.done:
+            while len(self.codes) < len(self.scripts):
+                left = deadline - time.time()
+                if left <= 0:
+                    break
+                self.done.wait(min(left, 5))
+            finished = len(self.codes) == len(self.scripts)
+        if not finished:
             self.stop()
-            raise AssertionError(f'background run still running after {timeout} s; log: {self.log}')
+            raise AssertionError(f'background run still running after {timeout} s; logs: {self.log}.*')
+        self._write_log()
         if self.error is not None:
             with open(self.log, errors='replace') as f:
                 tail = f.read()[-4000:]
             raise AssertionError(f'background run failed: {self.error}; last lines of {self.log}:\n{tail}')
 
     def stop(self):
-        self._stopped = True
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        with self.done:
+            self.stopped = True
+            procs = list(self._procs.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.pool.wake()  # its waiting scripts are skipped
 
 
 def slice_file(source, target, n_images=None, n_items=None):

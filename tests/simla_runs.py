@@ -38,9 +38,10 @@ def task_argv(config, checkpoint, out, steps, **keys):
             '--device', 'cpu', '--seed', '0', '--checkpoint', checkpoint, *opts(**settings)]
 
 
-def start(root, deit, work, after=None):
-    """Start the runs under `work`, after the BackgroundRun `after` if given;
-    returns (SimlaRuns of their output folders, BackgroundRun)."""
+def start(root, deit, work, after=()):
+    """Start the runs under `work`, after the BackgroundRuns `after` (the DeiT stand-in's): the pretraining, then
+    every downstream script from its checkpoint (NLVR.py from the text-assignment checkpoint); returns (SimlaRuns
+    of their output folders, BackgroundRun)."""
     root, work = str(root), str(work)
     runs = SimlaRuns(root, *(os.path.join(work, name) for name in SimlaRuns._fields[1:-1]),
                      os.path.join(work, 'runs.log'))
@@ -65,13 +66,13 @@ def start(root, deit, work, after=None):
         ('Pretrain.py', pretrain_argv(root, runs.pretrain, deit, seed=SEED,
                                       config=os.path.join(CONFIGS, 'Pretrain_synthetic.yaml'), **PRETRAIN_OPTS)),
         ('Retrieval.py', task_argv('Retrieval_synthetic.yaml', checkpoint, runs.retrieval, STEPS['retrieval'],
-                                   **retrieval, **FAST_START, **RETRIEVAL_LR)),
-        ('VQA.py', task_argv('VQA_synthetic.yaml', checkpoint, runs.vqa, STEPS['vqa'], **vqa)),
-        ('VE.py', task_argv('VE_synthetic.yaml', checkpoint, runs.ve, STEPS['ve'], **ve, **FAST_START)),
+                                   **retrieval, **FAST_START, **RETRIEVAL_LR), [0]),
+        ('VQA.py', task_argv('VQA_synthetic.yaml', checkpoint, runs.vqa, STEPS['vqa'], **vqa), [0]),
+        ('VE.py', task_argv('VE_synthetic.yaml', checkpoint, runs.ve, STEPS['ve'], **ve, **FAST_START), [0]),
         ('Grounding.py', task_argv('Grounding_synthetic.yaml', checkpoint, runs.grounding, STEPS['grounding'],
-                                   **grounding)),
-        ('Pretrain_nlvr.py', task_argv('NLVR_pretrain_synthetic.yaml', checkpoint, runs.ta, STEPS['ta'], **ta)),
+                                   **grounding), [0]),
+        ('Pretrain_nlvr.py', task_argv('NLVR_pretrain_synthetic.yaml', checkpoint, runs.ta, STEPS['ta'], **ta), [0]),
         ('NLVR.py', task_argv('NLVR_synthetic.yaml', os.path.join(runs.ta, 'checkpoint_last.pth'), runs.nlvr,
-                              STEPS['nlvr'], **nlvr)),
+                              STEPS['nlvr'], **nlvr), [5]),
     ]
     return runs, BackgroundRun(commands, runs.log, after=after)

@@ -53,3 +53,34 @@ def test_a_forked_run_starts_with_the_interpreters_default_start_method(tmp_path
         multiprocessing.set_start_method(before, force=True)
     assert fresh.returncode == 0 and forked.returncode == 0, fresh.stderr + forked.stderr
     assert forked.stdout == fresh.stdout and 'start method' in fresh.stdout
+
+
+def test_background_scripts_start_after_the_scripts_they_need_and_their_log_keeps_the_command_order(tmp_path):
+    """BackgroundRun: a script starts only when the scripts it needs have ended well; after a failure the scripts
+    still waiting are skipped and wait() names the failed one; the log holds the outputs in the order of the
+    commands, whatever order they ran in."""
+    from tests.helpers import BackgroundRun, _Pool
+    pool = _Pool(2)  # not the session's, which the background runs of the suite may keep busy
+    stamp = tmp_path / 'order.txt'
+    step = tmp_path / 'step.py'
+    step.write_text('import sys, time\n'
+                    'time.sleep(float(sys.argv[2]))\n'
+                    f'open({str(stamp)!r}, "a").write(sys.argv[1] + "\\n")\n'
+                    'print("output of", sys.argv[1])\n'
+                    'sys.exit(int(sys.argv[3]))\n')
+    # 0 slow; 1 and 2 need 0; 3 needs nothing (runs beside 0)
+    run = BackgroundRun([(str(step), ['a', 0.6, 0]), (str(step), ['b', 0, 0], [0]), (str(step), ['c', 0, 0], [0]),
+                         (str(step), ['d', 0, 0], [])], tmp_path / 'runs.log', pool=pool)
+    run.wait(timeout=120)
+    order = stamp.read_text().split()
+    assert order[0] == 'd' and order[1] == 'a' and sorted(order[2:]) == ['b', 'c'], order
+    log = (tmp_path / 'runs.log').read_text()
+    assert [line.split()[-1] for line in log.splitlines() if line.startswith('output of')] == ['a', 'b', 'c', 'd']
+    assert log.count('exited with 0') == 4 and log.count('$ ') == 4
+
+    stamp.unlink()
+    failing = BackgroundRun([(str(step), ['e', 0, 3]), (str(step), ['f', 0, 0])], tmp_path / 'failing.log',
+                            pool=pool)
+    with pytest.raises(AssertionError, match=r'step\.py exited with 3'):
+        failing.wait(timeout=120)
+    assert stamp.read_text().split() == ['e']  # f needed e: skipped

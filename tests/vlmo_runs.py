@@ -33,9 +33,9 @@ def write_caption_lines(root, target):
     return target
 
 
-def start(root, deit, work, after=None):
-    """Start the runs under `work`, after the BackgroundRun `after` if given (`deit` is not used: VLMo starts from
-    its own stand-in); returns (VlmoRuns of their paths, BackgroundRun)."""
+def start(root, deit, work, after=()):
+    """Start the runs under `work`, one after another, after the BackgroundRuns `after` (`deit` is not used: VLMo
+    starts from its own stand-in); returns (VlmoRuns of their paths, BackgroundRun)."""
     root, work = str(root), str(work)
     runs = VlmoRuns(root, os.path.join(work, 'beit.pth'), os.path.join(work, 'captions.txt'),
                     *(os.path.join(work, name) for name in ('stage2', 'stage3', 'zero_shot')),
