@@ -1,8 +1,7 @@
-"""What several tests do the same way: write a synthetic world, train its DeiT stand-in, pretrain a tiny ALBEF on it,
-and run an entry script, in this process or as a subprocess (plain or under torchrun).
+"""What several tests do the same way: write a synthetic world, pretrain a tiny ALBEF on it, run the background
+trainings, and run an entry script, in this process, forked, or as a subprocess (plain or under torchrun).
 
     make_world(root, scale, seed)               synthetic/world.py under root
-    make_deit(root, output, epochs, threads)    synthetic/deit.py: the DeiT stand-in trained on that world
     pretrain_argv(root, out, deit, **options)   the arguments of a short CPU Pretrain.py run on that world
     run_pretrain(root, out, ...)                that run, in this process; returns out/checkpoint_last.pth
     run_main(script, argv)                      any entry script's main() in this process
@@ -54,15 +53,6 @@ def make_world(root, scale=1.0, seed=0):
     from synthetic.world import generate
     generate(root, seed=seed, scale=scale)
     return Path(root)
-
-
-def make_deit(root, output, epochs=4, threads=1, config=PRETRAIN_CONFIG):
-    """The DeiT stand-in (python -m synthetic.deit) trained on the world under `root` and written to `output`;
-    returns the path as a string."""
-    import synthetic.deit as stand_in
-    with torch_threads(threads):
-        stand_in.main(['--root', str(root), '--output', str(output), '--config', str(config), '--epochs', str(epochs)])
-    return str(output)
 
 
 def opts(**keys):
