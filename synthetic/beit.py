@@ -33,6 +33,7 @@ import engine.config as engine_config
 import utils
 from synthetic.deit import (CELL_CLASSES, COLOUR_NAMES, KINDS, NUM_LABELS, attribute_loss, cell_accuracy,
                             cell_features, cell_loss, load_training_pictures, mirror_cells)
+from synthetic.world import identity
 
 DEFAULT_NAME = 'beit_synthetic.pth'
 
@@ -212,8 +213,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                        seed=args.seed, cell_weight=args.cell_weight, log=lambda m: print(m, flush=True),
                        metrics=metrics)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    # the world it was trained on (a stand-in is refused on another one: tests/vlmo_runs.py)
+    world = identity(args.root) if os.path.isfile(os.path.join(args.root, 'manifest.json')) else None
     utils.atomic_torch_save({'model': state, 'epochs': args.epochs, 'seed': args.seed,
-                             'cell_weight': args.cell_weight, 'metrics': metrics}, output)
+                             'cell_weight': args.cell_weight, 'metrics': metrics, 'world': world}, output)
     print(f'wrote {output}', flush=True)
     return output
 

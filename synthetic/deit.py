@@ -31,7 +31,7 @@ from PIL import Image
 
 import engine.config as engine_config
 import utils
-from synthetic.world import COLOUR_NAMES, KINDS, SIZES
+from synthetic.world import COLOUR_NAMES, KINDS, SIZES, identity
 from dataset.transforms import CLIP_MEAN, CLIP_STD
 from models.vit import build_vit
 
@@ -234,8 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                       seed=args.seed, cell_weight=args.cell_weight,
                       log=lambda m: print(m, flush=True))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    # the world it was trained on (a stand-in is refused on another one: tests/conftest.py)
+    world = identity(args.root) if os.path.isfile(os.path.join(args.root, 'manifest.json')) else None
     utils.atomic_torch_save({'model': state, 'epochs': args.epochs, 'seed': args.seed,
-                               'cell_weight': args.cell_weight}, output)
+                               'cell_weight': args.cell_weight, 'world': world}, output)
     print(f'wrote {output}', flush=True)
     return output
 

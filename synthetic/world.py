@@ -1318,6 +1318,19 @@ def _readme(seed: int, scale: float, item_counts: dict) -> str:
     )
 
 
+IDENTITY_KEYS = ("generator", "format_version", "seed", "scale")
+
+
+def identity(root) -> dict:
+    """What decides a generated world's content, from its manifest.json: a file trained on one world (the committed
+    stand-in and pretraining of tests/fixtures/synthetic_pretrained) records it, and is refused on another."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: generate the world with python -m synthetic.world --root {root}")
+    manifest = json.loads(path.read_text())
+    return {key: manifest.get(key) for key in IDENTITY_KEYS}
+
+
 def generate(root, seed: int = 0, scale: float = 1.0) -> dict:
     """Write the whole world under `root`; returns {name: path string} of everything written."""
     root = Path(root)

@@ -1,7 +1,7 @@
 """The runs that tests/test_codis_learning.py reads: CODIS pretraining on the synthetic world through Pretrain.py, then
 Retrieval.py (zero-shot and fine-tuned) and VQA.py from its checkpoint, as subprocesses in the background.
 
-tests/conftest.py starts them as soon as the DeiT stand-in exists (when a selected test asks for `codis_runs`) and
+tests/conftest.py starts them as soon as the synthetic world exists (when a selected test asks for `codis_runs`) and
 orders the tests that read them last, so on the two-core CI machine they run beside the rest of the suite instead of
 adding their minutes to it. Every setting is here: the margins of the tests were measured with exactly these.
 """
@@ -31,7 +31,7 @@ def fine_tune_argv(config, checkpoint, out, steps, **keys):
 
 
 def start(root, deit, work, after=()):
-    """Start the runs under `work` (a directory), after the BackgroundRuns `after` (the DeiT stand-in's): the
+    """Start the runs under `work` (a directory), after the BackgroundRuns `after` (none in the suite): the
     pretraining, then the three scripts from its checkpoint; returns (CodisRuns of their output folders,
     BackgroundRun)."""
     work = str(work)

@@ -11,7 +11,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from tests.helpers import PRETRAIN_CONFIG, BackgroundRun, make_world, pretrain_argv  # noqa: E402
+from tests.helpers import SYNTHETIC_DEIT, BackgroundRun, make_world, pretrain_argv  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -41,6 +41,7 @@ KIND_OF_FILE = {
     'test_grounding_parity.py': 'parity',
     'test_grounding_picture.py': 'unit',
     'test_image_blind.py': 'unit',
+    'test_image_blind_margins.py': 'learning',
     'test_model_pretrain.py': 'unit',
     'test_nlvr_conversions.py': 'parity',
     'test_nlvr_parity.py': 'parity',
@@ -92,7 +93,13 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Give every test of tests/ the kind of its file unless it carries one itself; refuse unlisted files."""
+    """Give every test of tests/ the kind of its file unless it carries one itself; refuse unlisted files; deselect
+    the `demo_length` tests unless SYNTHETIC_MARGINS=full."""
+    if not FULL_MARGINS:
+        demo_length = [item for item in items if item.get_closest_marker('demo_length')]
+        if demo_length:
+            config.hook.pytest_deselected(items=demo_length)
+            items[:] = [item for item in items if item not in demo_length]
     unknown, doubled = set(), []
     for item in items:
         if os.path.dirname(os.path.abspath(str(item.path))) != TESTS_DIR:
@@ -129,21 +136,36 @@ TinyPretrained = collections.namedtuple('TinyPretrained', 'checkpoint root outpu
 TINY_PRETRAIN_OPTS = {'num_workers': 1, 'log_every': 10, 'max_steps_per_epoch': 80, 'schedular.epochs': 2,
                       'warmup_step_size': 5}
 TINY_PRETRAIN_THREADS = 1
-SYNTHETIC_DEIT_EPOCHS = 4  # the recipe's default (python -m synthetic.deit)
+# The DeiT stand-in the tiny pretraining (and CODIS's and SIMLA's) start from is committed (tests/helpers.py:
+# SYNTHETIC_DEIT), 2.5 CPU-minutes the suite no longer pays; a short run of its command is tested live
+# (tests/test_synthetic_deit.py).
+
+
+def committed_deit(root):
+    """SYNTHETIC_DEIT, after checking that it was trained on the world under `root`."""
+    from synthetic.world import identity
+    world = torch.load(SYNTHETIC_DEIT, map_location='cpu', weights_only=True).get('world')
+    if world != identity(root):
+        raise RuntimeError(f'{SYNTHETIC_DEIT} was trained on the synthetic world {world}, not on {identity(root)}: '
+                           'retrain it as tests/fixtures/synthetic_pretrained/README.md says')
+    return SYNTHETIC_DEIT
 
 
 # ---- runs in the background: started with the session, read by tests ordered after the rest ------------------------
 # Everything that trains on the synthetic world for minutes runs as scripts in the background (tests/helpers.py:
 # BackgroundRun, two scripts at a time, each forked once the scripts it needs have ended) beside the unit, parity
 # and e2e tests, from the moment the synthetic world exists (an autouse fixture creates it first when a selected test
-# needs one of these runs): the DeiT stand-in (python -m synthetic.deit) and the tiny ALBEF pretraining from it
-# (Pretrain.py), which the foreground learning tests read (`synthetic_deit`, `tiny_pretrained`), and the VLMo, CODIS
-# and SIMLA learning runs (tests/vlmo_runs.py, tests/codis_runs.py, tests/simla_runs.py: `start(root, deit, work) ->
-# (runs, BackgroundRun)`), CODIS's and SIMLA's after the stand-in. A fixture waits for its run and returns its
-# outputs; the tests that read them come after the others, the family runs' readers last.
-BACKGROUND = {'vlmo_runs': 'tests.vlmo_runs', 'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs'}
-NEEDS_DEIT = {'codis_runs', 'simla_runs', 'tiny_pretrained'}
-FOREGROUND_READERS = ('synthetic_deit', 'tiny_pretrained')  # fixtures that wait for a background run
+# needs one of these runs): the tiny ALBEF pretraining from the committed DeiT stand-in (Pretrain.py), which the
+# foreground learning tests read (`tiny_pretrained`), and the VLMo, CODIS and SIMLA learning runs (tests/vlmo_runs.py,
+# tests/codis_runs.py, tests/simla_runs.py: `start(root, deit, work) -> (runs, BackgroundRun)`). A fixture waits for
+# its run and returns its outputs; the tests that read them come after the others, the family runs' readers last.
+# ALBEF's fine-tunings against their image-blind controls (tests/margin_runs.py) start from a committed pretraining.
+# The demo-length SNLI-VE and NLVR2 ones (`margin_runs_full`, ~10 CPU-minutes) run only with SYNTHETIC_MARGINS=full
+# (`make test-margins`): their tests (marked `demo_length`) are deselected otherwise.
+BACKGROUND = {'vlmo_runs': 'tests.vlmo_runs', 'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs',
+              'margin_runs': 'tests.margin_runs', 'margin_runs_full': 'tests.margin_runs:start_full'}
+FULL_MARGINS = os.environ.get('SYNTHETIC_MARGINS') == 'full'
+FOREGROUND_READERS = ('tiny_pretrained',)  # fixtures that wait for a background run
 BACKGROUND_FIXTURES = set(BACKGROUND)
 WANTED_RUNS = pytest.StashKey[list]()
 STARTED_RUNS = pytest.StashKey[dict]()
@@ -153,39 +175,29 @@ def pytest_collection_finish(session):
     used = set()
     for item in session.items:
         used |= set(getattr(item, 'fixturenames', ()))
-    wanted = [name for name in (*FOREGROUND_READERS, *BACKGROUND) if name in used]
-    if any(name in NEEDS_DEIT for name in wanted) and 'synthetic_deit' not in wanted:
-        wanted.insert(0, 'synthetic_deit')
-    session.config.stash[WANTED_RUNS] = wanted
+    session.config.stash[WANTED_RUNS] = [name for name in (*FOREGROUND_READERS, *BACKGROUND) if name in used]
 
 
 def start_background_runs(config, root, tmp_path_factory):
     """Start every wanted run (WANTED_RUNS) not started yet; killed at the session's end. Returns {name: (outputs,
     BackgroundRun)}."""
     import importlib
-    from synthetic.deit import DEFAULT_NAME
     started = config.stash.setdefault(STARTED_RUNS, {})
     wanted = [name for name in config.stash.get(WANTED_RUNS, []) if name not in started]
+    deit = committed_deit(root) if wanted else None
     for name in wanted:
-        deit = started['synthetic_deit'][0] if 'synthetic_deit' in started else None
-        after = [started['synthetic_deit'][1]] if name in NEEDS_DEIT else []
-        if name == 'synthetic_deit':
-            work = tmp_path_factory.mktemp('synthetic_deit')
-            outputs = str(work / DEFAULT_NAME)
-            background = BackgroundRun([('synthetic.deit', ['--root', root, '--output', outputs, '--config',
-                                                            PRETRAIN_CONFIG, '--epochs', SYNTHETIC_DEIT_EPOCHS])],
-                                       work / 'runs.log', threads=TINY_PRETRAIN_THREADS, priority=0)
-        elif name == 'tiny_pretrained':
+        if name == 'tiny_pretrained':
             work = tmp_path_factory.mktemp('tiny_pretrain')
             out = work / 'pretrain'
             outputs = TinyPretrained(str(out / 'checkpoint_last.pth'), str(root), str(out))
             background = BackgroundRun([('Pretrain.py', pretrain_argv(root, out, deit, seed=42,
                                                                       val_file=f'{root}/retrieval_test.json',
                                                                       **TINY_PRETRAIN_OPTS))],
-                                       work / 'runs.log', threads=TINY_PRETRAIN_THREADS, after=after, priority=0)
+                                       work / 'runs.log', threads=TINY_PRETRAIN_THREADS, priority=0)
         else:
-            outputs, background = importlib.import_module(BACKGROUND[name]).start(
-                str(root), deit, tmp_path_factory.mktemp(name), after=after)
+            module, _, function = BACKGROUND[name].partition(':')
+            outputs, background = getattr(importlib.import_module(module), function or 'start')(
+                str(root), deit, tmp_path_factory.mktemp(name))
         config.add_cleanup(background.stop)
         started[name] = (outputs, background)
     return started
@@ -216,14 +228,14 @@ def _wait_for(request, name):
 
 
 @pytest.fixture(scope='session')
-def synthetic_deit(request, synthetic_root):
-    """The path of the DeiT stand-in of the synthetic recipe (python -m synthetic.deit, its default 4 epochs),
-    trained once per session in the background."""
-    return _wait_for(request, 'synthetic_deit')
+def synthetic_deit(synthetic_root):
+    """The path of the committed DeiT stand-in of the synthetic recipe (python -m synthetic.deit, its default 4
+    epochs, one thread), checked to be of this world."""
+    return committed_deit(synthetic_root)
 
 
 @pytest.fixture(scope='session')
-def tiny_pretrained(request, synthetic_root, synthetic_deit):
+def tiny_pretrained(request, synthetic_root):
     """(checkpoint, root, output_dir) of Pretrain.py run on the synthetic world with configs/Pretrain_synthetic.yaml
     and TINY_PRETRAIN_OPTS, starting from the synthetic DeiT stand-in as the recipe does (in the background)."""
     return _wait_for(request, 'tiny_pretrained')
@@ -241,3 +253,5 @@ def _background_fixture(name):
 vlmo_runs = _background_fixture('vlmo_runs')
 codis_runs = _background_fixture('codis_runs')
 simla_runs = _background_fixture('simla_runs')
+margin_runs = _background_fixture('margin_runs')
+margin_runs_full = _background_fixture('margin_runs_full')

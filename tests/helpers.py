@@ -32,6 +32,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
+# The DeiT stand-in of the default synthetic world (seed 0, scale 1), committed as test data: `python -m synthetic.deit
+# --root <world> --output <this file> --epochs 4` with one thread (tests/fixtures/synthetic_pretrained/README.md).
+SYNTHETIC_DEIT = os.path.join(REPO, 'tests', 'fixtures', 'synthetic_pretrained', 'deit_synthetic.pth')
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 checkpoint with the SIMLA synthetic configs: Retrieval.py, VQA.py, VE.py, Grounding.py,
 and Pretrain_nlvr.py (text assignment) followed by NLVR.py from the TA checkpoint.
 
-Started in the background by tests/conftest.py (like tests/codis_runs.py) as soon as the DeiT stand-in exists; every
+Started in the background by tests/conftest.py (like tests/codis_runs.py) as soon as the synthetic world exists; every
 setting is here, and the margins of the tests were measured with exactly these.
 """
 import collections
@@ -39,7 +39,7 @@ def task_argv(config, checkpoint, out, steps, **keys):
 
 
 def start(root, deit, work, after=()):
-    """Start the runs under `work`, after the BackgroundRuns `after` (the DeiT stand-in's): the pretraining, then
+    """Start the runs under `work`, after the BackgroundRuns `after` (none in the suite): the pretraining, then
     every downstream script from its checkpoint (NLVR.py from the text-assignment checkpoint); returns (SimlaRuns
     of their output folders, BackgroundRun)."""
     root, work = str(root), str(work)

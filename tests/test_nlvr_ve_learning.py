@@ -6,7 +6,7 @@ What these short runs learn is the text prior: SNLI-VE's 66.7% here is the "neut
 level, which its image-blind control reaches too. NLVR2's statements no longer carry one (world format 2: the text
 alone predicts its label at chance, tests/test_synthetic.py), and a 150-step NLVR2 run from this checkpoint stays at
 chance (46.3%); NLVR2 and SNLI-VE beat their image-blind controls only with their full synthetic configs from the
-demo-length pretraining, minutes each: measured in docs/README_synthetic.md (fourth round), not asserted here."""
+demo-length pretraining, minutes each: asserted by tests/test_image_blind_margins.py (`make test-margins`)."""
 import collections
 import json
 import math

@@ -1,0 +1,112 @@
+"""The runs that tests/test_image_blind_margins.py reads: every task of the synthetic benchmark fine-tuned, through its
+entry script, from a demo-length ALBEF pretraining, and each fine-tuned model evaluated again with `image_blind=fixed`
+(one fixed picture for every item), its image-blind control.
+
+The pretraining is the committed tests/fixtures/synthetic_pretrained/albef_demo_seed42.pth (synthetic/pretrained.py:
+`make demo`'s pretraining, 4 x 93 steps of configs/Pretrain_synthetic.yaml, seed 42, stored in float16 without its
+momentum copies), because the tasks beat their controls only from a pretraining of that length, which the CI budget
+cannot pay (docs/README_synthetic.md). Every fine-tuning runs live.
+
+Two sets:
+- `margin_runs` (the default suite): zero-shot retrieval, retrieval fine-tuning (20 steps) and VQA (3 x 112 steps of
+  16), each with its control; about 5 minutes of one core, in the background beside the rest of the suite.
+- `margin_runs_full` (`make test-margins`, SYNTHETIC_MARGINS=full): SNLI-VE (2 epochs) and NLVR2 (text assignment,
+  then 2 epochs), the demo's recipes, which need about 10 minutes of one core more.
+
+tests/conftest.py starts them as soon as the synthetic world exists. Every setting is here: the margins of the tests
+were measured with exactly these.
+"""
+import collections
+import os
+
+from tests.helpers import REPO, BackgroundRun, opts, slice_file
+
+FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'synthetic_pretrained', 'albef_demo_seed42.pth')
+SEED = 42
+RETRIEVAL_STEPS = 20
+VAL_IMAGES = 20           # retrieval's val split cut to 20 pictures (the margins are asserted on the full test split)
+VQA = {'batch_size_train': 16, 'max_steps_per_epoch': 112}   # 3 epochs (the config's), the demo's 337 steps at 16
+VE_EPOCHS = 2
+NLVR_EPOCHS = 2
+
+MarginRuns = collections.namedtuple('MarginRuns', 'root checkpoint runs log')
+
+
+def expand_fixture(root, work):
+    """The committed pretraining as an ordinary checkpoint under `work` (it must be of the world under `root`)."""
+    from synthetic.pretrained import expand
+    return expand(FIXTURE, os.path.join(work, 'pretrained.pth'), root=root)
+
+
+def argv(config, checkpoint, out, data, *extra, **keys):
+    return ['--config', os.path.join(REPO, 'configs', config), '--output_dir', out, '--checkpoint', checkpoint,
+            '--text_encoder', 'none', '--device', 'cpu', '--seed', str(SEED),
+            *opts(num_workers=0, **data, **keys), *extra]
+
+
+def _data(root, work):
+    val = slice_file(os.path.join(root, 'retrieval_val.json'), os.path.join(work, 'retrieval_val.json'),
+                     n_images=VAL_IMAGES)
+    return {
+        'retrieval': {'train_file': f'[{root}/retrieval_train.json]', 'val_file': val,
+                      'test_file': f'{root}/retrieval_test.json', 'image_root': root},
+        'vqa': {'train_file': f'[{root}/vqa_train.json]', 'test_file': f'[{root}/vqa_test.json]',
+                'answer_list': f'{root}/answer_list.json', 'vqa_root': root, 'vg_root': root},
+        've': {'train_file': f'{root}/ve_train.json', 'val_file': f'{root}/ve_dev.json',
+               'test_file': f'{root}/ve_test.json', 'image_root': root},
+        'nlvr_ta': {'train_file': f'[{root}/pretrain.json]', 'image_root': root},
+        'nlvr': {'train_file': f'[{root}/nlvr_train.json]', 'val_file': f'[{root}/nlvr_dev.json]',
+                 'test_file': f'[{root}/nlvr_test.json]', 'image_root': root},
+    }
+
+
+def _commands(full, root, work, checkpoint):
+    data = _data(root, work)
+    out = {name: os.path.join(work, name) for name in (
+        'retrieval_zero_shot', 'retrieval_zero_shot_blind', 'retrieval', 'retrieval_blind', 'vqa', 'vqa_blind',
+        've', 've_blind', 'nlvr_ta', 'nlvr', 'nlvr_blind')}
+    blind = {'image_blind': 'fixed'}
+    if not full:
+        names = ['retrieval_zero_shot', 'retrieval_zero_shot_blind', 'retrieval', 'retrieval_blind', 'vqa',
+                 'vqa_blind']
+        commands = [
+            ('Retrieval.py', argv('Retrieval_synthetic.yaml', checkpoint, out['retrieval_zero_shot'],
+                                  data['retrieval'], '--evaluate'), []),
+            ('Retrieval.py', argv('Retrieval_synthetic.yaml', checkpoint, out['retrieval_zero_shot_blind'],
+                                  data['retrieval'], '--evaluate', **blind), []),
+            ('Retrieval.py', argv('Retrieval_synthetic.yaml', checkpoint, out['retrieval'], data['retrieval'],
+                                  max_steps_per_epoch=RETRIEVAL_STEPS, **{'schedular.epochs': 1}), []),
+            ('Retrieval.py', argv('Retrieval_synthetic.yaml', os.path.join(out['retrieval'], 'checkpoint_best.pth'),
+                                  out['retrieval_blind'], data['retrieval'], '--evaluate', **blind), [2]),
+            ('VQA.py', argv('VQA_synthetic.yaml', checkpoint, out['vqa'], data['vqa'], **VQA), []),
+            ('VQA.py', argv('VQA_synthetic.yaml', os.path.join(out['vqa'], 'checkpoint_last.pth'), out['vqa_blind'],
+                            data['vqa'], '--evaluate', **blind), [4]),
+        ]
+    else:
+        names = ['ve', 've_blind', 'nlvr_ta', 'nlvr', 'nlvr_blind']
+        commands = [
+            ('VE.py', argv('VE_synthetic.yaml', checkpoint, out['ve'], data['ve'], **{'schedular.epochs': VE_EPOCHS}),
+             []),
+            ('VE.py', argv('VE_synthetic.yaml', os.path.join(out['ve'], 'checkpoint_best.pth'), out['ve_blind'],
+                           data['ve'], '--evaluate', **blind), [0]),
+            ('Pretrain_nlvr.py', argv('NLVR_pretrain_synthetic.yaml', checkpoint, out['nlvr_ta'], data['nlvr_ta']), []),
+            ('NLVR.py', argv('NLVR_synthetic.yaml', os.path.join(out['nlvr_ta'], 'checkpoint_last.pth'), out['nlvr'],
+                             data['nlvr'], **{'schedular.epochs': NLVR_EPOCHS}), [2]),
+            ('NLVR.py', argv('NLVR_synthetic.yaml', os.path.join(out['nlvr'], 'checkpoint_best.pth'),
+                             out['nlvr_blind'], data['nlvr'], '--evaluate', **blind), [3]),
+        ]
+    return {name: out[name] for name in names}, commands
+
+
+def start(root, deit, work, after=(), full=False):
+    """Start the runs under `work` (`deit` and `after` are not used: they start from the committed pretraining);
+    returns (MarginRuns, BackgroundRun). full: the demo-length SNLI-VE and NLVR2 runs instead of the default set."""
+    root, work = str(root), str(work)
+    checkpoint = expand_fixture(root, work)
+    runs, commands = _commands(full, root, work, checkpoint)
+    log = os.path.join(work, 'runs.log')
+    return MarginRuns(root, checkpoint, runs, log), BackgroundRun(commands, log)
+
+
+def start_full(root, deit, work, after=()):
+    return start(root, deit, work, after, full=True)
