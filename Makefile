@@ -1,7 +1,7 @@
 # Python environment: `make venv` creates .venv (offline-capable afterwards); `make test` runs the whole test suite;
 # `make test-fast` only its unit and parity tests (the markers of pytest.ini, assigned in tests/conftest.py);
 # `make test-margins` every task of the synthetic benchmark against its image-blind control, including the
-# demo-length SNLI-VE and NLVR2 runs that `make test` leaves out (about 8 minutes on 2 cores);
+# demo-length SNLI-VE and NLVR2 runs that `make test` leaves out (10 minutes on 2 cores);
 # `make demo` runs the end-to-end synthetic demo (scripts/demo.sh).
 PYTHON ?= python3
 VENV := .venv
