@@ -9,7 +9,8 @@ cannot pay (docs/README_synthetic.md). Every fine-tuning runs live.
 
 Two sets:
 - `margin_runs` (the default suite): zero-shot retrieval, retrieval fine-tuning (20 steps) and VQA (3 x 112 steps of
-  16), each with its control; about 5 minutes of one core, in the background beside the rest of the suite.
+  16), each with its control, and the VQA checkpoint evaluated again on a few questions (tests/test_vqa_learning.py);
+  about 5 minutes of one core, in the background beside the rest of the suite.
 - `margin_runs_full` (`make test-margins`, SYNTHETIC_MARGINS=full): SNLI-VE (2 epochs) and NLVR2 (text assignment,
   then 2 epochs), the demo's recipes, which need about 10 minutes of one core more.
 
@@ -26,6 +27,7 @@ SEED = 42
 RETRIEVAL_STEPS = 20
 VAL_IMAGES = 20           # retrieval's val split cut to 20 pictures (the margins are asserted on the full test split)
 VQA = {'batch_size_train': 16, 'max_steps_per_epoch': 112}   # 3 epochs (the config's), the demo's 337 steps at 16
+RELOAD_QUESTIONS = 32     # the fine-tuned VQA checkpoint evaluated again on the first 32 test questions
 VE_EPOCHS = 2
 NLVR_EPOCHS = 2
 
@@ -52,6 +54,11 @@ def _data(root, work):
                       'test_file': f'{root}/retrieval_test.json', 'image_root': root},
         'vqa': {'train_file': f'[{root}/vqa_train.json]', 'test_file': f'[{root}/vqa_test.json]',
                 'answer_list': f'{root}/answer_list.json', 'vqa_root': root, 'vg_root': root},
+        'vqa_reload': {'train_file': f'[{root}/vqa_train.json]', 'answer_list': f'{root}/answer_list.json',
+                       'vqa_root': root, 'vg_root': root,
+                       'test_file': '[' + slice_file(os.path.join(root, 'vqa_test.json'),
+                                                     os.path.join(work, 'vqa_test_few.json'),
+                                                     n_items=RELOAD_QUESTIONS) + ']'},
         've': {'train_file': f'{root}/ve_train.json', 'val_file': f'{root}/ve_dev.json',
                'test_file': f'{root}/ve_test.json', 'image_root': root},
         'nlvr_ta': {'train_file': f'[{root}/pretrain.json]', 'image_root': root},
@@ -64,11 +71,11 @@ def _commands(full, root, work, checkpoint):
     data = _data(root, work)
     out = {name: os.path.join(work, name) for name in (
         'retrieval_zero_shot', 'retrieval_zero_shot_blind', 'retrieval', 'retrieval_blind', 'vqa', 'vqa_blind',
-        've', 've_blind', 'nlvr_ta', 'nlvr', 'nlvr_blind')}
+        'vqa_reload', 've', 've_blind', 'nlvr_ta', 'nlvr', 'nlvr_blind')}
     blind = {'image_blind': 'fixed'}
     if not full:
         names = ['retrieval_zero_shot', 'retrieval_zero_shot_blind', 'retrieval', 'retrieval_blind', 'vqa',
-                 'vqa_blind']
+                 'vqa_blind', 'vqa_reload']
         commands = [
             ('Retrieval.py', argv('Retrieval_synthetic.yaml', checkpoint, out['retrieval_zero_shot'],
                                   data['retrieval'], '--evaluate'), []),
@@ -81,6 +88,9 @@ def _commands(full, root, work, checkpoint):
             ('VQA.py', argv('VQA_synthetic.yaml', checkpoint, out['vqa'], data['vqa'], **VQA), []),
             ('VQA.py', argv('VQA_synthetic.yaml', os.path.join(out['vqa'], 'checkpoint_last.pth'), out['vqa_blind'],
                             data['vqa'], '--evaluate', **blind), [4]),
+            # the fine-tuned checkpoint evaluated again with the pictures, on a few questions (tests/test_vqa_learning.py)
+            ('VQA.py', argv('VQA_synthetic.yaml', os.path.join(out['vqa'], 'checkpoint_last.pth'), out['vqa_reload'],
+                            data['vqa_reload'], '--evaluate'), [4]),
         ]
     else:
         names = ['ve', 've_blind', 'nlvr_ta', 'nlvr', 'nlvr_blind']
