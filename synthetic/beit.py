@@ -213,8 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                        seed=args.seed, cell_weight=args.cell_weight, log=lambda m: print(m, flush=True),
                        metrics=metrics)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    # the world it was trained on (a stand-in is refused on another one: tests/vlmo_runs.py)
-    world = identity(args.root) if os.path.isfile(os.path.join(args.root, 'manifest.json')) else None
+    # the world it was trained on (synthetic.world.check_identity refuses the file on another one)
+    world = identity(args.root, required=False)
     utils.atomic_torch_save({'model': state, 'epochs': args.epochs, 'seed': args.seed,
                              'cell_weight': args.cell_weight, 'metrics': metrics, 'world': world}, output)
     print(f'wrote {output}', flush=True)

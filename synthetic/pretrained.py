@@ -24,7 +24,7 @@ import torch
 
 import utils
 from models.checkpoint import drop_training_state
-from synthetic.world import identity as world_identity
+from synthetic.world import check_identity, identity as world_identity
 
 FORMAT = 'albef-synthetic-pretrained-1'
 
@@ -63,13 +63,17 @@ def compact(checkpoint_path, root, output) -> dict:
     return info
 
 
-def load_info(path) -> dict:
-    """The stored file's description (world, epoch, seed, config, the run's log records)."""
+def _load(path) -> dict:
     stored = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(stored, dict) or stored.get('info', {}).get('format') != FORMAT:
         raise ValueError(f'{path}: not a file of synthetic.pretrained (format {FORMAT}); '
                          'write one with python -m synthetic.pretrained')
-    return stored['info']
+    return stored
+
+
+def load_info(path) -> dict:
+    """The stored file's description (world, epoch, seed, config, the run's log records)."""
+    return _load(path)['info']
 
 
 def expand(path, output, root=None) -> str:
@@ -77,12 +81,10 @@ def expand(path, output, root=None) -> str:
 
     root: the synthetic world the checkpoint will be fine-tuned on; it must be the one the file was trained on
     (same generator format, seed and scale), else the held-out splits would not be held out."""
-    stored = torch.load(path, map_location='cpu', weights_only=True)
-    info = load_info(path)
-    if root is not None and world_identity(root) != info['world']:
-        raise ValueError(f'{path} was pretrained on the synthetic world {info["world"]}, not on the one under {root} '
-                         f'({world_identity(root)}); regenerate it from a pretraining on this world: '
-                         'python -m synthetic.pretrained --help')
+    stored = _load(path)
+    if root is not None:
+        check_identity(stored['info']['world'], root, path,
+                       'regenerate it from a pretraining on this world: python -m synthetic.pretrained --help')
     sd = {key: value.to(torch.float32) if value.is_floating_point() else value
           for key, value in stored['model'].items()}
     utils.atomic_torch_save({'model': sd}, output)

@@ -1321,14 +1321,26 @@ def _readme(seed: int, scale: float, item_counts: dict) -> str:
 IDENTITY_KEYS = ("generator", "format_version", "seed", "scale")
 
 
-def identity(root) -> dict:
+def identity(root, required: bool = True) -> Optional[dict]:
     """What decides a generated world's content, from its manifest.json: a file trained on one world (the committed
-    stand-in and pretraining of tests/fixtures/synthetic_pretrained) records it, and is refused on another."""
+    stand-in and pretraining of tests/fixtures/synthetic_pretrained) records it, and is refused on another
+    (check_identity). Without a manifest: an error, or None when not `required`."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
+        if not required:
+            return None
         raise FileNotFoundError(f"{path} is missing: generate the world with python -m synthetic.world --root {root}")
     manifest = json.loads(path.read_text())
     return {key: manifest.get(key) for key in IDENTITY_KEYS}
+
+
+def check_identity(recorded: Optional[dict], root, path, remake: str) -> None:
+    """Raises ValueError naming `path` and how to `remake` it when the world `recorded` in it is not the one under
+    `root`."""
+    actual = identity(root)
+    if recorded != actual:
+        raise ValueError(f"{path} was trained on the synthetic world {recorded}, not on the one under {root} "
+                         f"({actual}): {remake}")
 
 
 def generate(root, seed: int = 0, scale: float = 1.0) -> dict:

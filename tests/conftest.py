@@ -143,11 +143,9 @@ TINY_PRETRAIN_THREADS = 1
 
 def committed_deit(root):
     """SYNTHETIC_DEIT, after checking that it was trained on the world under `root`."""
-    from synthetic.world import identity
-    world = torch.load(SYNTHETIC_DEIT, map_location='cpu', weights_only=True).get('world')
-    if world != identity(root):
-        raise RuntimeError(f'{SYNTHETIC_DEIT} was trained on the synthetic world {world}, not on {identity(root)}: '
-                           'retrain it as tests/fixtures/synthetic_pretrained/README.md says')
+    from synthetic.world import check_identity
+    check_identity(torch.load(SYNTHETIC_DEIT, map_location='cpu', weights_only=True).get('world'), root,
+                   SYNTHETIC_DEIT, 'retrain it as tests/fixtures/synthetic_pretrained/README.md says')
     return SYNTHETIC_DEIT
 
 

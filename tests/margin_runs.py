@@ -68,44 +68,41 @@ def _data(root, work):
 
 
 def _commands(full, root, work, checkpoint):
+    """({run name: output folder}, BackgroundRun commands) of one set."""
     data = _data(root, work)
-    out = {name: os.path.join(work, name) for name in (
-        'retrieval_zero_shot', 'retrieval_zero_shot_blind', 'retrieval', 'retrieval_blind', 'vqa', 'vqa_blind',
-        'vqa_reload', 've', 've_blind', 'nlvr_ta', 'nlvr', 'nlvr_blind')}
+    out = lambda name: os.path.join(work, name)  # noqa: E731
     blind = {'image_blind': 'fixed'}
+    # (run name, script, config, checkpoint, data, indices of the runs it needs, extra arguments, config keys)
     if not full:
-        names = ['retrieval_zero_shot', 'retrieval_zero_shot_blind', 'retrieval', 'retrieval_blind', 'vqa',
-                 'vqa_blind', 'vqa_reload']
-        commands = [
-            ('Retrieval.py', argv('Retrieval_synthetic.yaml', checkpoint, out['retrieval_zero_shot'],
-                                  data['retrieval'], '--evaluate'), []),
-            ('Retrieval.py', argv('Retrieval_synthetic.yaml', checkpoint, out['retrieval_zero_shot_blind'],
-                                  data['retrieval'], '--evaluate', **blind), []),
-            ('Retrieval.py', argv('Retrieval_synthetic.yaml', checkpoint, out['retrieval'], data['retrieval'],
-                                  max_steps_per_epoch=RETRIEVAL_STEPS, **{'schedular.epochs': 1}), []),
-            ('Retrieval.py', argv('Retrieval_synthetic.yaml', os.path.join(out['retrieval'], 'checkpoint_best.pth'),
-                                  out['retrieval_blind'], data['retrieval'], '--evaluate', **blind), [2]),
-            ('VQA.py', argv('VQA_synthetic.yaml', checkpoint, out['vqa'], data['vqa'], **VQA), []),
-            ('VQA.py', argv('VQA_synthetic.yaml', os.path.join(out['vqa'], 'checkpoint_last.pth'), out['vqa_blind'],
-                            data['vqa'], '--evaluate', **blind), [4]),
+        vqa = os.path.join(out('vqa'), 'checkpoint_last.pth')
+        runs = [
+            ('retrieval_zero_shot', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [],
+             ['--evaluate'], {}),
+            ('retrieval_zero_shot_blind', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [],
+             ['--evaluate'], blind),
+            ('retrieval', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [], [],
+             {'max_steps_per_epoch': RETRIEVAL_STEPS, 'schedular.epochs': 1}),
+            ('retrieval_blind', 'Retrieval.py', 'Retrieval_synthetic.yaml',
+             os.path.join(out('retrieval'), 'checkpoint_best.pth'), 'retrieval', [2], ['--evaluate'], blind),
+            ('vqa', 'VQA.py', 'VQA_synthetic.yaml', checkpoint, 'vqa', [], [], VQA),
+            ('vqa_blind', 'VQA.py', 'VQA_synthetic.yaml', vqa, 'vqa', [4], ['--evaluate'], blind),
             # the fine-tuned checkpoint evaluated again with the pictures, on a few questions (tests/test_vqa_learning.py)
-            ('VQA.py', argv('VQA_synthetic.yaml', os.path.join(out['vqa'], 'checkpoint_last.pth'), out['vqa_reload'],
-                            data['vqa_reload'], '--evaluate'), [4]),
+            ('vqa_reload', 'VQA.py', 'VQA_synthetic.yaml', vqa, 'vqa_reload', [4], ['--evaluate'], {}),
         ]
     else:
-        names = ['ve', 've_blind', 'nlvr_ta', 'nlvr', 'nlvr_blind']
-        commands = [
-            ('VE.py', argv('VE_synthetic.yaml', checkpoint, out['ve'], data['ve'], **{'schedular.epochs': VE_EPOCHS}),
-             []),
-            ('VE.py', argv('VE_synthetic.yaml', os.path.join(out['ve'], 'checkpoint_best.pth'), out['ve_blind'],
-                           data['ve'], '--evaluate', **blind), [0]),
-            ('Pretrain_nlvr.py', argv('NLVR_pretrain_synthetic.yaml', checkpoint, out['nlvr_ta'], data['nlvr_ta']), []),
-            ('NLVR.py', argv('NLVR_synthetic.yaml', os.path.join(out['nlvr_ta'], 'checkpoint_last.pth'), out['nlvr'],
-                             data['nlvr'], **{'schedular.epochs': NLVR_EPOCHS}), [2]),
-            ('NLVR.py', argv('NLVR_synthetic.yaml', os.path.join(out['nlvr'], 'checkpoint_best.pth'),
-                             out['nlvr_blind'], data['nlvr'], '--evaluate', **blind), [3]),
+        runs = [
+            ('ve', 'VE.py', 'VE_synthetic.yaml', checkpoint, 've', [], [], {'schedular.epochs': VE_EPOCHS}),
+            ('ve_blind', 'VE.py', 'VE_synthetic.yaml', os.path.join(out('ve'), 'checkpoint_best.pth'), 've', [0],
+             ['--evaluate'], blind),
+            ('nlvr_ta', 'Pretrain_nlvr.py', 'NLVR_pretrain_synthetic.yaml', checkpoint, 'nlvr_ta', [], [], {}),
+            ('nlvr', 'NLVR.py', 'NLVR_synthetic.yaml', os.path.join(out('nlvr_ta'), 'checkpoint_last.pth'), 'nlvr',
+             [2], [], {'schedular.epochs': NLVR_EPOCHS}),
+            ('nlvr_blind', 'NLVR.py', 'NLVR_synthetic.yaml', os.path.join(out('nlvr'), 'checkpoint_best.pth'), 'nlvr',
+             [3], ['--evaluate'], blind),
         ]
-    return {name: out[name] for name in names}, commands
+    commands = [(script, argv(config, start, out(name), data[files], *extra, **keys), needs)
+                for name, script, config, start, files, needs, extra, keys in runs]
+    return {run[0]: out(run[0]) for run in runs}, commands
 
 
 def start(root, deit, work, after=(), full=False):

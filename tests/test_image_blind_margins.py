@@ -91,7 +91,7 @@ def test_compact_then_expand_keeps_the_weights_ties_and_refuses_another_world(tm
     other = tmp_path / 'other'
     other.mkdir()
     (other / 'manifest.json').write_text(json.dumps({**manifest, 'seed': 1}))
-    with pytest.raises(ValueError, match=r'pretrained on the synthetic world .*python -m synthetic\.pretrained'):
+    with pytest.raises(ValueError, match=r'trained on the synthetic world .*python -m synthetic\.pretrained'):
         stored.expand(tmp_path / 'small.pth', tmp_path / 'refused.pth', root=other)
     assert not os.path.exists(tmp_path / 'refused.pth')
     with pytest.raises(ValueError, match=r'not a file of synthetic\.pretrained'):
