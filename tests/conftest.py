@@ -93,13 +93,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Give every test of tests/ the kind of its file unless it carries one itself; refuse unlisted files; deselect
-    the `demo_length` tests unless SYNTHETIC_MARGINS=full."""
-    if not FULL_MARGINS:
-        demo_length = [item for item in items if item.get_closest_marker('demo_length')]
-        if demo_length:
-            config.hook.pytest_deselected(items=demo_length)
-            items[:] = [item for item in items if item not in demo_length]
+    """Give every test of tests/ the kind of its file unless it carries one itself; refuse unlisted files."""
     unknown, doubled = set(), []
     for item in items:
         if os.path.dirname(os.path.abspath(str(item.path))) != TESTS_DIR:
@@ -158,11 +152,8 @@ def committed_deit(root):
 # tests/codis_runs.py, tests/simla_runs.py: `start(root, deit, work) -> (runs, BackgroundRun)`). A fixture waits for
 # its run and returns its outputs; the tests that read them come after the others, the family runs' readers last.
 # ALBEF's fine-tunings against their image-blind controls (tests/margin_runs.py) start from a committed pretraining.
-# The demo-length SNLI-VE and NLVR2 ones (`margin_runs_full`, ~10 CPU-minutes) run only with SYNTHETIC_MARGINS=full
-# (`make test-margins`): their tests (marked `demo_length`) are deselected otherwise.
 BACKGROUND = {'vlmo_runs': 'tests.vlmo_runs', 'codis_runs': 'tests.codis_runs', 'simla_runs': 'tests.simla_runs',
-              'margin_runs': 'tests.margin_runs', 'margin_runs_full': 'tests.margin_runs:start_full'}
-FULL_MARGINS = os.environ.get('SYNTHETIC_MARGINS') == 'full'
+              'margin_runs': 'tests.margin_runs'}
 FOREGROUND_READERS = ('tiny_pretrained',)  # fixtures that wait for a background run
 BACKGROUND_FIXTURES = set(BACKGROUND)
 WANTED_RUNS = pytest.StashKey[list]()
@@ -252,4 +243,3 @@ vlmo_runs = _background_fixture('vlmo_runs')
 codis_runs = _background_fixture('codis_runs')
 simla_runs = _background_fixture('simla_runs')
 margin_runs = _background_fixture('margin_runs')
-margin_runs_full = _background_fixture('margin_runs_full')

@@ -5,17 +5,14 @@ entry script, from a demo-length ALBEF pretraining, and each fine-tuned model ev
 The pretraining is the committed tests/fixtures/synthetic_pretrained/albef_demo_seed42.pth (synthetic/pretrained.py:
 `make demo`'s pretraining, 4 x 93 steps of configs/Pretrain_synthetic.yaml, seed 42, stored in float16 without its
 momentum copies), because the tasks beat their controls only from a pretraining of that length, which the CI budget
-cannot pay (docs/README_synthetic.md). Every fine-tuning runs live.
-
-Two sets:
-- `margin_runs` (the default suite): zero-shot retrieval, retrieval fine-tuning (20 steps) and VQA (3 x 112 steps of
-  16), each with its control, and the VQA checkpoint evaluated again on a few questions (tests/test_vqa_learning.py);
-  about 5 minutes of one core, in the background beside the rest of the suite.
-- `margin_runs_full` (`make test-margins`, SYNTHETIC_MARGINS=full): SNLI-VE (2 epochs) and NLVR2 (text assignment,
-  then 2 epochs), the demo's recipes, which need about 10 minutes of one core more.
-
-tests/conftest.py starts them as soon as the synthetic world exists. Every setting is here: the margins of the tests
-were measured with exactly these.
+cannot pay (docs/README_synthetic.md). Every fine-tuning runs live:
+- zero-shot retrieval, retrieval fine-tuning (20 steps), VQA (3 x 112 steps of 16), each with its control, and the VQA
+  checkpoint evaluated again on a few questions (tests/test_vqa_learning.py);
+- SNLI-VE (2 epochs of the config at 96 px) and NLVR2 (text assignment, then 2 epochs at 64 px, the pretraining's and
+  text assignment's resolution: the same margins as at the config's 96 px for half the cost), each with its control;
+  tests/test_nlvr_ve_learning.py reads them too.
+About 8 minutes of one core (2026-12-04), in the background beside the rest of the suite; tests/conftest.py starts them
+as soon as the synthetic world exists. Every setting is here: the margins of the tests were measured with exactly these.
 """
 import collections
 import os
@@ -29,7 +26,7 @@ VAL_IMAGES = 20           # retrieval's val split cut to 20 pictures (the margin
 VQA = {'batch_size_train': 16, 'max_steps_per_epoch': 112}   # 3 epochs (the config's), the demo's 337 steps at 16
 RELOAD_QUESTIONS = 32     # the fine-tuned VQA checkpoint evaluated again on the first 32 test questions
 VE_EPOCHS = 2
-NLVR_EPOCHS = 2
+NLVR = {'schedular.epochs': 2, 'image_res': 64}
 
 MarginRuns = collections.namedtuple('MarginRuns', 'root checkpoint runs log')
 
@@ -67,53 +64,47 @@ def _data(root, work):
     }
 
 
-def _commands(full, root, work, checkpoint):
-    """({run name: output folder}, BackgroundRun commands) of one set."""
+def _commands(root, work, checkpoint):
+    """({run name: output folder}, BackgroundRun commands)."""
     data = _data(root, work)
     out = lambda name: os.path.join(work, name)  # noqa: E731
     blind = {'image_blind': 'fixed'}
-    # (run name, script, config, checkpoint, data, indices of the runs it needs, extra arguments, config keys)
-    if not full:
-        vqa = os.path.join(out('vqa'), 'checkpoint_last.pth')
-        runs = [
-            ('retrieval_zero_shot', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [],
-             ['--evaluate'], {}),
-            ('retrieval_zero_shot_blind', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [],
-             ['--evaluate'], blind),
-            ('retrieval', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [], [],
-             {'max_steps_per_epoch': RETRIEVAL_STEPS, 'schedular.epochs': 1}),
-            ('retrieval_blind', 'Retrieval.py', 'Retrieval_synthetic.yaml',
-             os.path.join(out('retrieval'), 'checkpoint_best.pth'), 'retrieval', [2], ['--evaluate'], blind),
-            ('vqa', 'VQA.py', 'VQA_synthetic.yaml', checkpoint, 'vqa', [], [], VQA),
-            ('vqa_blind', 'VQA.py', 'VQA_synthetic.yaml', vqa, 'vqa', [4], ['--evaluate'], blind),
-            # the fine-tuned checkpoint evaluated again with the pictures, on a few questions (tests/test_vqa_learning.py)
-            ('vqa_reload', 'VQA.py', 'VQA_synthetic.yaml', vqa, 'vqa_reload', [4], ['--evaluate'], {}),
-        ]
-    else:
-        runs = [
-            ('ve', 'VE.py', 'VE_synthetic.yaml', checkpoint, 've', [], [], {'schedular.epochs': VE_EPOCHS}),
-            ('ve_blind', 'VE.py', 'VE_synthetic.yaml', os.path.join(out('ve'), 'checkpoint_best.pth'), 've', [0],
-             ['--evaluate'], blind),
-            ('nlvr_ta', 'Pretrain_nlvr.py', 'NLVR_pretrain_synthetic.yaml', checkpoint, 'nlvr_ta', [], [], {}),
-            ('nlvr', 'NLVR.py', 'NLVR_synthetic.yaml', os.path.join(out('nlvr_ta'), 'checkpoint_last.pth'), 'nlvr',
-             [2], [], {'schedular.epochs': NLVR_EPOCHS}),
-            ('nlvr_blind', 'NLVR.py', 'NLVR_synthetic.yaml', os.path.join(out('nlvr'), 'checkpoint_best.pth'), 'nlvr',
-             [3], ['--evaluate'], blind),
-        ]
+    vqa = os.path.join(out('vqa'), 'checkpoint_last.pth')
+    nlvr_blind = {**blind, 'image_res': NLVR['image_res']}
+    # (run name, script, config, checkpoint, data, indices of the runs it needs, extra arguments, config keys); the
+    # longest first, so that the two background workers end together
+    runs = [
+        ('ve', 'VE.py', 'VE_synthetic.yaml', checkpoint, 've', [], [], {'schedular.epochs': VE_EPOCHS}),
+        ('nlvr_ta', 'Pretrain_nlvr.py', 'NLVR_pretrain_synthetic.yaml', checkpoint, 'nlvr_ta', [], [], {}),
+        ('nlvr', 'NLVR.py', 'NLVR_synthetic.yaml', os.path.join(out('nlvr_ta'), 'checkpoint_last.pth'), 'nlvr',
+         [1], [], NLVR),
+        ('vqa', 'VQA.py', 'VQA_synthetic.yaml', checkpoint, 'vqa', [], [], VQA),
+        ('ve_blind', 'VE.py', 'VE_synthetic.yaml', os.path.join(out('ve'), 'checkpoint_best.pth'), 've', [0],
+         ['--evaluate'], blind),
+        ('nlvr_blind', 'NLVR.py', 'NLVR_synthetic.yaml', os.path.join(out('nlvr'), 'checkpoint_best.pth'), 'nlvr',
+         [2], ['--evaluate'], nlvr_blind),
+        ('vqa_blind', 'VQA.py', 'VQA_synthetic.yaml', vqa, 'vqa', [3], ['--evaluate'], blind),
+        # the fine-tuned checkpoint evaluated again with the pictures, on a few questions (tests/test_vqa_learning.py)
+        ('vqa_reload', 'VQA.py', 'VQA_synthetic.yaml', vqa, 'vqa_reload', [3], ['--evaluate'], {}),
+        ('retrieval', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [], [],
+         {'max_steps_per_epoch': RETRIEVAL_STEPS, 'schedular.epochs': 1}),
+        ('retrieval_blind', 'Retrieval.py', 'Retrieval_synthetic.yaml',
+         os.path.join(out('retrieval'), 'checkpoint_best.pth'), 'retrieval', [8], ['--evaluate'], blind),
+        ('retrieval_zero_shot', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [],
+         ['--evaluate'], {}),
+        ('retrieval_zero_shot_blind', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [],
+         ['--evaluate'], blind),
+    ]
     commands = [(script, argv(config, start, out(name), data[files], *extra, **keys), needs)
                 for name, script, config, start, files, needs, extra, keys in runs]
     return {run[0]: out(run[0]) for run in runs}, commands
 
 
-def start(root, deit, work, after=(), full=False):
+def start(root, deit, work, after=()):
     """Start the runs under `work` (`deit` and `after` are not used: they start from the committed pretraining);
-    returns (MarginRuns, BackgroundRun). full: the demo-length SNLI-VE and NLVR2 runs instead of the default set."""
+    returns (MarginRuns, BackgroundRun)."""
     root, work = str(root), str(work)
     checkpoint = expand_fixture(root, work)
-    runs, commands = _commands(full, root, work, checkpoint)
+    runs, commands = _commands(root, work, checkpoint)
     log = os.path.join(work, 'runs.log')
     return MarginRuns(root, checkpoint, runs, log), BackgroundRun(commands, log)
-
-
-def start_full(root, deit, work, after=()):
-    return start(root, deit, work, after, full=True)
