@@ -53,6 +53,7 @@ KIND_OF_FILE = {
     'test_pretrain_script.py': 'e2e',
     'test_registry.py': 'unit',
     'test_reproduce.py': 'unit',
+    'test_rerank_sweep.py': 'e2e',
     'test_retrieval_eval.py': 'unit',
     'test_retrieval_learning.py': 'learning',
     'test_retrieval_parity.py': 'parity',
