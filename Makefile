@@ -1,7 +1,7 @@
 # Python environment: `make venv` creates .venv (offline-capable afterwards); `make test` runs the whole test suite;
 # `make test-fast` only its unit and parity tests (the markers of pytest.ini, assigned in tests/conftest.py);
 # `make test-margins` only the tests of every task of the synthetic benchmark against its image-blind control (part of
-# `make test`; about 5 minutes on 2 cores);
+# `make test`; about 4 minutes on 2 cores);
 # `make demo` runs the end-to-end synthetic demo (scripts/demo.sh).
 PYTHON ?= python3
 VENV := .venv

@@ -25,7 +25,7 @@ RETRIEVAL_STEPS = 20
 VAL_IMAGES = 20           # retrieval's val split cut to 20 pictures (the margins are asserted on the full test split)
 VQA = {'batch_size_train': 16, 'max_steps_per_epoch': 112}   # 3 epochs (the config's), the demo's 337 steps at 16
 RELOAD_QUESTIONS = 32     # the fine-tuned VQA checkpoint evaluated again on the first 32 test questions
-VE_EPOCHS = 2
+VE = {'schedular.epochs': 2}
 NLVR = {'schedular.epochs': 2, 'image_res': 64}
 
 MarginRuns = collections.namedtuple('MarginRuns', 'root checkpoint runs log')
@@ -74,7 +74,7 @@ def _commands(root, work, checkpoint):
     # (run name, script, config, checkpoint, data, indices of the runs it needs, extra arguments, config keys); the
     # longest first, so that the two background workers end together
     runs = [
-        ('ve', 'VE.py', 'VE_synthetic.yaml', checkpoint, 've', [], [], {'schedular.epochs': VE_EPOCHS}),
+        ('ve', 'VE.py', 'VE_synthetic.yaml', checkpoint, 've', [], [], VE),
         ('nlvr_ta', 'Pretrain_nlvr.py', 'NLVR_pretrain_synthetic.yaml', checkpoint, 'nlvr_ta', [], [], {}),
         ('nlvr', 'NLVR.py', 'NLVR_synthetic.yaml', os.path.join(out('nlvr_ta'), 'checkpoint_last.pth'), 'nlvr',
          [1], [], NLVR),

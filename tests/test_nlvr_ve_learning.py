@@ -11,6 +11,8 @@ import json
 import math
 import os
 
+from tests.helpers import read_log
+
 MARGIN_VE = 0.20  # over the majority class, dev and test together; measured 73.5% against 33.3% (2026-12-04)
 
 
@@ -27,12 +29,6 @@ def majority_fraction(paths):
     return max(labels.values()) / sum(labels.values())
 
 
-def last_record(output_dir):
-    """The last epoch record of output_dir/log.txt."""
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line) for line in f if line.startswith('{')][-1]
-
-
 def held_out(root, task):
     return [os.path.join(root, f'{task}_{split}.json') for split in ('dev', 'test')]
 
@@ -46,8 +42,8 @@ def held_out_accuracy(record):
 def test_nlvr_through_text_assignment_runs_end_to_end(margin_runs):
     root, ta, out = margin_runs.root, margin_runs.runs['nlvr_ta'], margin_runs.runs['nlvr']
     assert os.path.isfile(os.path.join(ta, 'checkpoint_last.pth'))
-    assert math.isfinite(last_record(ta)['train_loss_ta']), last_record(ta)
-    record = last_record(out)
+    assert math.isfinite(read_log(ta)[-1]['train_loss_ta']), read_log(ta)
+    record = read_log(out)[-1]
     dev, test = (len(load(path)) for path in held_out(root, 'nlvr'))
     assert (record['val_n'], record['test_n']) == (dev, test), record
     assert 0.0 <= record['val_acc'] <= 1.0 and 0.0 <= record['test_acc'] <= 1.0, record
@@ -60,7 +56,7 @@ def test_nlvr_through_text_assignment_runs_end_to_end(margin_runs):
 
 def test_ve_beats_majority(margin_runs):
     root, out = margin_runs.root, margin_runs.runs['ve']
-    record = last_record(out)
+    record = read_log(out)[-1]
     dev, test = (len(load(path)) for path in held_out(root, 've'))
     assert (record['val_n'], record['test_n']) == (dev, test), record
     baseline = majority_fraction(held_out(root, 've'))
