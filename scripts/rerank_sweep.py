@@ -8,9 +8,16 @@ ITC's order (a pick far down
 ITC's list is a candidate ITC rightly ranked low), and the same sweep scored by the ITM log-odds (match minus mismatch
 logit) instead of the official match logit.
 
-    python scripts/rerank_sweep.py --checkpoint output/demo/pretrain/checkpoint_last.pth --k 1 2 4 8 16 32
+With `--world ROOT` (a synthetic world, synthetic/world.py), it also says what the picks read from the pictures: for
+ITC alone and for ITM re-ranking at that k, the share of texts whose first picture shows the right colours (and the
+right colours with their sizes), beside the IR@1 of a picker that knows only those and draws among the pictures that
+match (the most a model reading only colours, or colours and sizes, can reach; docs/README_synthetic.md, eighth round).
+
+    python scripts/rerank_sweep.py --checkpoint output/demo/pretrain/checkpoint_last.pth --k 1 2 4 8 16 32 \
+        [--world data/synthetic]
 """
 import argparse
+import collections
 import json
 import os
 import sys
@@ -72,6 +79,42 @@ def histogram(positions):
     return ', '.join(parts) or 'none'
 
 
+# what a picture shows, from the world's scenes.json: its colours, and its colours with their sizes (sorted, so that
+# the order the shapes were drawn in does not matter)
+ATTRIBUTES = {
+    'colours': lambda shapes: tuple(sorted(s['colour'] for s in shapes)),
+    'colours_sizes': lambda shapes: tuple(sorted((s['colour'], s['size']) for s in shapes)),
+}
+
+
+def picture_attributes(images, root):
+    """{attribute: [value per picture]} for the split's picture paths, from `root`/scenes.json."""
+    path = os.path.join(root, 'scenes.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: --world must be a synthetic world (python -m synthetic.world)')
+    with open(path) as f:
+        scenes = json.load(f)
+    names = [os.path.splitext(os.path.basename(image))[0] for image in images]
+    missing = [name for name in names if name not in scenes]
+    if missing:
+        raise ValueError(f'{path} does not describe {len(missing)} pictures of the split (e.g. {missing[0]}): '
+                         'give --world the world the split was made from')
+    return {attr: [key(scenes[name]['shapes']) for name in names] for attr, key in ATTRIBUTES.items()}
+
+
+def attribute_report(picks, txt2img, attributes):
+    """For one text-to-image ranking (`picks`: the first picture of each text): per attribute, the share of texts
+    (%) whose pick has the right value, and the IR@1 (%) of a picker that knows only that attribute and draws
+    uniformly among the pictures that have the right value."""
+    out = {}
+    for attr, values in attributes.items():
+        count = collections.Counter(values)
+        right = [values[pick] == values[txt2img[text]] for text, pick in enumerate(picks)]
+        out[attr] = {'right': 100 * sum(right) / len(picks),
+                     'ceiling': 100 * sum(1 / count[values[txt2img[t]]] for t in range(len(picks))) / len(picks)}
+    return out
+
+
 class LogOdds:
     """While active, the ITM head's match column is the log-odds (match minus mismatch logit)."""
 
@@ -103,6 +146,7 @@ def main(argv=None):
     p.add_argument('--device', default='cpu')
     p.add_argument('--opt', action='append', default=[], metavar='KEY=VALUE', help='config override (repeatable)')
     p.add_argument('--json', help='also write the results to this file')
+    p.add_argument('--world', help='the synthetic world of the split: also report the colours (and sizes) of the picks')
     args = p.parse_args(argv)
     ks = sorted(set(args.k))
     config, tokenizer, model = build(args)
@@ -124,6 +168,11 @@ def main(argv=None):
     }
     print(f"{args.split} split: {result['pictures']} pictures, {result['texts']} texts; TR@1 / IR@1 after ITM "
           f"re-ranking of the top k ITC candidates (k = 1: ITC alone)")
+    if args.world:
+        attributes = picture_attributes(dataset.image, args.world)
+        result['attributes'] = {
+            name: attribute_report(scores.argmax(1).tolist(), dataset.txt2img, attributes)
+            for name, scores in (('itc', sims.t()), (f'itm_k{at}', restrict(t2i, sims.t(), at)))}
     print(f'{"k":<13}' + ''.join(f'{k:>14d}' for k in ks))
     for name in ('itm', 'itm_log_odds'):
         print(f'{name:<13}' + ''.join(f'{tr:>7.1f} /{ir:>5.1f}' for tr, ir in (result[name][k] for k in ks)))
@@ -131,6 +180,13 @@ def main(argv=None):
           f'its pick\'s place in ITC\'s order: {histogram(result["ir_wrong_pick_itc_positions"])}')
     print(f'k = {at}, pictures whose text ITM does not put first ({len(result["tr_wrong_pick_itc_positions"])}): '
           f'its pick\'s place in ITC\'s order: {histogram(result["tr_wrong_pick_itc_positions"])}')
+    for name, report in result.get('attributes', {}).items():
+        print(f'{name}: the first picture has the right ' + '; '.join(
+            f'{attr.replace("_", " and ")} for {r["right"]:.1f}% of texts' for attr, r in report.items()))
+    if result.get('attributes'):
+        ceilings = next(iter(result['attributes'].values()))
+        print('IR@1 of a picker that knows only them and draws among the pictures that have them: ' + '; '.join(
+            f'{attr.replace("_", " and ")} {r["ceiling"]:.1f}' for attr, r in ceilings.items()))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({**result, 'itm': {str(k): v for k, v in result['itm'].items()},
