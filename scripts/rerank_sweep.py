@@ -152,6 +152,8 @@ def main(argv=None):
     config, tokenizer, model = build(args)
     dataset = getattr(create_dataset('re', config), args.split)
     loader = create_loader([dataset], [None], [config['batch_size_test']], [0], [False], [None])[0]
+    # read before the scoring, so that a wrong --world fails at once
+    attributes = picture_attributes(dataset.image, args.world) if args.world else None
     with torch.no_grad():
         feats = extract_features(model, loader, dataset.text, tokenizer, args.device)
         sims = (feats.image_embeds @ feats.text_embeds.t()).float().cpu()
@@ -169,7 +171,6 @@ def main(argv=None):
     print(f"{args.split} split: {result['pictures']} pictures, {result['texts']} texts; TR@1 / IR@1 after ITM "
           f"re-ranking of the top k ITC candidates (k = 1: ITC alone)")
     if args.world:
-        attributes = picture_attributes(dataset.image, args.world)
         result['attributes'] = {
             name: attribute_report(scores.argmax(1).tolist(), dataset.txt2img, attributes)
             for name, scores in (('itc', sims.t()), (f'itm_k{at}', restrict(t2i, sims.t(), at)))}
