@@ -139,6 +139,11 @@ def cell_accuracy(logits: torch.Tensor, cells: torch.Tensor) -> dict:
     out = {name: (parts[i].argmax(-1) == cells[..., i])[occupied].float().mean().item()
            for i, name in enumerate(('colour', 'kind', 'size'))}
     out['empty'] = ((parts[0].argmax(-1) == 0) == ~occupied).float().mean().item()
+    # the kinds of small and of large shapes apart: a small shape spans about one 8-pixel patch at 64 px
+    kind_right = parts[1].argmax(-1) == cells[..., 1]
+    for i, size in enumerate(SIZES):
+        of_size = cells[..., 2] == 1 + i
+        out[f'kind_{size}'] = kind_right[of_size].float().mean().item() if of_size.any() else float('nan')
     return out
 
 

@@ -1,6 +1,7 @@
 """The DeiT stand-in of the synthetic recipe (synthetic/deit.py): labels, errors, the DeiT file format that
 the pretraining model loads, and the property it exists for ([CLS] features that tell pictures apart)."""
 import json
+import math
 import os
 import re
 
@@ -116,7 +117,18 @@ def test_cell_loss_is_low_only_for_the_right_cells():
             right[0, cell, offsets[attr] + y[0, cell, attr]] = 20.0
     assert stand_in.cell_loss(right, y) < 1e-6
     acc = stand_in.cell_accuracy(right, y)
-    assert acc == {'colour': 1.0, 'kind': 1.0, 'size': 1.0, 'empty': 1.0}
+    assert {k: v for k, v in acc.items() if k != 'kind_large'} == {'colour': 1.0, 'kind': 1.0, 'size': 1.0,
+                                                                    'empty': 1.0, 'kind_small': 1.0}
+    assert math.isnan(acc['kind_large'])  # no large shape to score
+    two = stand_in.cell_labels({'shapes': [{'colour': 'red', 'kind': 'star', 'size': 'small', 'row': 0, 'col': 0},
+                                           {'colour': 'red', 'kind': 'cross', 'size': 'large', 'row': 2, 'col': 2}]})
+    logits = torch.full((1, 9, sum(stand_in.CELL_CLASSES)), -20.0)
+    for cell in range(9):
+        for attr in range(3):
+            logits[0, cell, offsets[attr] + two[cell, attr]] = 20.0
+    logits[0, 8, offsets[1] + 1] = 40.0  # the large shape's kind read as a circle
+    split = stand_in.cell_accuracy(logits, two[None])
+    assert (split['kind'], split['kind_small'], split['kind_large']) == (0.5, 1.0, 0.0)
     wrong = right.roll(1, dims=1)  # every cell's logits moved to the next cell
     assert stand_in.cell_loss(wrong, y) > 5  # two of nine cells wrong by a margin of 40
     assert stand_in.cell_accuracy(wrong, y)['kind'] == 0.0
