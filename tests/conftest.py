@@ -51,6 +51,7 @@ KIND_OF_FILE = {
     'test_plot_run.py': 'e2e',
     'test_pretrain_learning.py': 'learning',
     'test_pretrain_script.py': 'e2e',
+    'test_probe_vision.py': 'e2e',
     'test_registry.py': 'unit',
     'test_reproduce.py': 'unit',
     'test_rerank_sweep.py': 'e2e',
