@@ -65,6 +65,8 @@ _MODEL_KEYS = {
 _TRAINING_KEYS = {
     "batch_size": Key(INT), "batch_size_train": Key(INT), "batch_size_test": Key(INT),
     "optimizer": Key(MAP), "schedular": Key(MAP), "seed": Key(INT), "log_every": Key(INT),
+    # not official: the image encoder learns at the scheduled rate times this (0 = frozen; optim.param_groups)
+    "lr_mult_visual": Key(NUM),
     "max_steps_per_epoch": Key(INT, nullable=True),
     # robustness (engine.py): step checkpoints every N steps (null/0 = epoch ends only), how many step checkpoints
     # to keep, how many non-finite-loss steps may be skipped before the run stops (0 = stop at the first), and

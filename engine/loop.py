@@ -198,7 +198,8 @@ def fit(args, config, model, train_loader, step_fn, *, evaluate_fn=None, select_
     model_ddp, model = wrap_ddp(model, args, find_unused_parameters)
     optimizer = create_optimizer(config['optimizer'], model, fused=resolve_speed_mode(config)['fused'],
                                  wd_exempt_extra=config.get('wd_exempt_extra'),
-                                 groups=registry.optimizer_groups_for(config, model))
+                                 groups=registry.optimizer_groups_for(config, model),
+                                 lr_mult_visual=config.get('lr_mult_visual'))
     if per_step:
         scheduler, epochs = create_step_scheduler(config, optimizer, epoch_steps(train_loader, config), accumulate)
         _print_step_plan(config, scheduler, epochs, epoch_steps(train_loader, config), accumulate)

@@ -26,7 +26,8 @@ def cosine_lr(t: int, base_lr: float, warmup_lr: float, min_lr: float, warmup_ep
 
 
 class CosineLRScheduler:
-    """Sets every param group's LR to lr(t) on `step(t)`; LR starts at lr(0) (= warmup_lr with a warm-up)."""
+    """Sets every param group's LR to lr(t) on `step(t)` (times the group's `lr_mult` where it has one, see
+    optim.param_groups); LR starts at lr(0) (= warmup_lr with a warm-up)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, min_lr: float, warmup_lr: float,
                  warmup_epochs: int, base_lr: float | None = None):
@@ -49,7 +50,7 @@ class CosineLRScheduler:
         """Set the optimizer's LR to lr(t) and return it."""
         value = self.lr(t)
         for group in self.optimizer.param_groups:
-            group["lr"] = value
+            group["lr"] = value * group["lr_mult"] if "lr_mult" in group else value
         self.last_t = int(t)
         return value
 

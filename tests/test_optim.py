@@ -102,3 +102,56 @@ def test_decay_is_applied_only_to_decay_group():
     # Zero gradient leaves only decoupled decay: w *= 1 - lr*wd, b untouched.
     assert torch.allclose(model.w, torch.full((2, 2), 0.95))
     assert torch.equal(model.b, torch.ones(2))
+
+
+class TwoTowers(nn.Module):
+    """An image encoder (visual_encoder.*), its momentum copy and a text part."""
+
+    def __init__(self):
+        super().__init__()
+        self.visual_encoder = nn.Linear(3, 3)
+        self.visual_encoder_m = nn.Linear(3, 3)
+        for p in self.visual_encoder_m.parameters():
+            p.requires_grad_(False)
+        self.text = nn.Linear(3, 3)
+
+
+def test_lr_mult_visual_moves_the_image_encoder_to_scaled_groups_that_the_schedule_keeps_scaled():
+    from scheduler import create_scheduler
+    model = TwoTowers()
+    assert len(param_groups(model, 0.02)) == 2  # without the key: the official two groups, unchanged
+    opt = create_optimizer({"opt": "adamW", "lr": 1e-3, "weight_decay": 0.02}, model, lr_mult_visual=0.1)
+    assert [_names(model, g) for g in opt.param_groups] == [
+        ["text.bias"], ["text.weight"], ["visual_encoder.bias"], ["visual_encoder.weight"]]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.02, 0.0, 0.02]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    scheduler = create_scheduler({"epochs": 4, "min_lr": 1e-5, "warmup_lr": 1e-5, "warmup_epochs": 1}, opt)
+    for t in (0, 2, 3):
+        lr = scheduler.step(t)
+        assert scheduler.get_last_lr() == pytest.approx([lr, lr, 0.1 * lr, 0.1 * lr])
+    # the multiplier survives a checkpoint: a new optimizer built the same way takes the saved groups
+    again = create_optimizer({"opt": "adamW", "lr": 1e-3, "weight_decay": 0.02}, TwoTowers(), lr_mult_visual=0.1)
+    again.load_state_dict(opt.state_dict())
+    assert [g.get("lr_mult") for g in again.param_groups] == [None, None, 0.1, 0.1]
+
+
+def test_lr_mult_visual_zero_freezes_the_image_encoder_weight_decay_included():
+    model = TwoTowers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = create_optimizer({"opt": "adamW", "lr": 0.1, "weight_decay": 0.5}, model, lr_mult_visual=0)
+    loss = (model.visual_encoder(torch.randn(4, 3)) + model.text(torch.randn(4, 3))).pow(2).sum()
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual_encoder."))
+    assert not torch.equal(before["text.weight"], after["text.weight"])
+
+
+def test_lr_mult_visual_refuses_what_it_cannot_apply():
+    with pytest.raises(ValueError, match="no trainable visual_encoder"):
+        param_groups(Toy(), 0.02, lr_mult_visual=0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        param_groups(TwoTowers(), 0.02, lr_mult_visual=-1)
+    groups = [{"params": list(TwoTowers().parameters()), "weight_decay": 0.0}]
+    with pytest.raises(ValueError, match="builds its own optimizer groups"):
+        create_optimizer({"opt": "adamW", "lr": 1e-3}, TwoTowers(), groups=groups, lr_mult_visual=0.5)

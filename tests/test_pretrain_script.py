@@ -87,3 +87,16 @@ def test_two_process_torchrun(world, tmp_path):
     assert int(ckpt['model']['queue_ptr']) == steps * world_size * batch
     log = read_log(out / 'log.txt')
     assert log[-1]['epoch'] == 0 and log[-1]['train_samples_per_s'] > 0
+
+
+def test_lr_mult_visual_zero_keeps_the_image_encoder_as_it_started(world, tmp_path):
+    """`lr_mult_visual: 0` (not official; docs/README_synthetic.md, ninth round) freezes the ViT through the epoch
+    scheduler and its warm-up; the rest of the model still learns."""
+    out = tmp_path / 'frozen'
+    run_pretrain(tiny_args(world, out, '--opt', 'lr_mult_visual=0'))
+    first = torch.load(out / 'checkpoint_00.pth', weights_only=False)
+    last = torch.load(out / 'checkpoint_01.pth', weights_only=False)
+    visual = [k for k in first['model'] if k.startswith('visual_encoder.')]
+    assert visual and all(torch.equal(first['model'][k], last['model'][k]) for k in visual)
+    assert not torch.equal(first['model']['text_proj.weight'], last['model']['text_proj.weight'])
+    assert [g.get('lr_mult') for g in last['optimizer']['param_groups']] == [None, None, 0.0, 0.0]
