@@ -8,6 +8,7 @@ momentum copies), because the tasks beat their controls only from a pretraining 
 cannot pay (docs/README_synthetic.md). Every fine-tuning runs live:
 - zero-shot retrieval, retrieval fine-tuning (20 steps), VQA (3 x 112 steps of 16), each with its control, and the VQA
   checkpoint evaluated again on a few questions (tests/test_vqa_learning.py);
+- zero-shot retrieval from a second committed pretraining (FIXTURE_SHAPES), with ITM re-ranking and with ITC alone;
 - SNLI-VE (2 epochs of the config at 96 px) and NLVR2 (text assignment, then 2 epochs at 64 px, the pretraining's and
   text assignment's resolution: the same margins as at the config's 96 px for half the cost), each with its control;
   tests/test_nlvr_ve_learning.py reads them too.
@@ -20,6 +21,10 @@ import os
 from tests.helpers import REPO, BackgroundRun, opts, slice_file
 
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'synthetic_pretrained', 'albef_demo_seed42.pth')
+# A second committed pretraining, for zero-shot ITM re-ranking against ITC alone only: 24 x 93 steps of the same
+# config, seed 2, from the 60-epoch per-cell stand-in with the ViT frozen (lr_mult_visual 0), whose fusion encoder
+# learns to match more than colours (docs/README_synthetic.md, ninth round; tests/fixtures/synthetic_pretrained/README.md).
+FIXTURE_SHAPES = os.path.join(REPO, 'tests', 'fixtures', 'synthetic_pretrained', 'albef_frozen_vit_seed2.pth')
 SEED = 42
 RETRIEVAL_STEPS = 20
 VAL_IMAGES = 20           # retrieval's val split cut to 20 pictures (the margins are asserted on the full test split)
@@ -31,10 +36,10 @@ NLVR = {'schedular.epochs': 2, 'image_res': 64}
 MarginRuns = collections.namedtuple('MarginRuns', 'root checkpoint runs log')
 
 
-def expand_fixture(root, work):
-    """The committed pretraining as an ordinary checkpoint under `work` (it must be of the world under `root`)."""
+def expand_fixture(root, work, fixture=FIXTURE, name='pretrained.pth'):
+    """A committed pretraining as an ordinary checkpoint under `work` (it must be of the world under `root`)."""
     from synthetic.pretrained import expand
-    return expand(FIXTURE, os.path.join(work, 'pretrained.pth'), root=root)
+    return expand(fixture, os.path.join(work, name), root=root)
 
 
 def argv(config, checkpoint, out, data, *extra, **keys):
@@ -64,7 +69,7 @@ def _data(root, work):
     }
 
 
-def _commands(root, work, checkpoint):
+def _commands(root, work, checkpoint, shapes_checkpoint):
     """({run name: output folder}, BackgroundRun commands)."""
     data = _data(root, work)
     out = lambda name: os.path.join(work, name)  # noqa: E731
@@ -94,6 +99,11 @@ def _commands(root, work, checkpoint):
          ['--evaluate'], {}),
         ('retrieval_zero_shot_blind', 'Retrieval.py', 'Retrieval_synthetic.yaml', checkpoint, 'retrieval', [],
          ['--evaluate'], blind),
+        # the second pretraining zero-shot: ITM re-ranking of ITC's top 16 (the config's k_test) and ITC alone (k 1)
+        ('retrieval_zero_shot_shapes', 'Retrieval.py', 'Retrieval_synthetic.yaml', shapes_checkpoint, 'retrieval',
+         [], ['--evaluate'], {}),
+        ('retrieval_zero_shot_shapes_itc', 'Retrieval.py', 'Retrieval_synthetic.yaml', shapes_checkpoint,
+         'retrieval', [], ['--evaluate'], {'k_test': 1}),
     ]
     commands = [(script, argv(config, start, out(name), data[files], *extra, **keys), needs)
                 for name, script, config, start, files, needs, extra, keys in runs]
@@ -105,6 +115,7 @@ def start(root, deit, work, after=()):
     returns (MarginRuns, BackgroundRun)."""
     root, work = str(root), str(work)
     checkpoint = expand_fixture(root, work)
-    runs, commands = _commands(root, work, checkpoint)
+    shapes_checkpoint = expand_fixture(root, work, FIXTURE_SHAPES, 'pretrained_shapes.pth')
+    runs, commands = _commands(root, work, checkpoint, shapes_checkpoint)
     log = os.path.join(work, 'runs.log')
     return MarginRuns(root, checkpoint, runs, log), BackgroundRun(commands, log)
