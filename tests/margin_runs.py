@@ -23,7 +23,8 @@ from tests.helpers import REPO, BackgroundRun, opts, slice_file
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'synthetic_pretrained', 'albef_demo_seed42.pth')
 # A second committed pretraining, for zero-shot ITM re-ranking against ITC alone only: 24 x 93 steps of the same
 # config, seed 2, from the 60-epoch per-cell stand-in with the ViT frozen (lr_mult_visual 0), whose fusion encoder
-# learns to match more than colours (docs/README_synthetic.md, ninth round; tests/fixtures/synthetic_pretrained/README.md).
+# learns to match more than colours (docs/README_synthetic.md, ninth round; its recipe:
+# tests/fixtures/synthetic_pretrained/README.md).
 FIXTURE_SHAPES = os.path.join(REPO, 'tests', 'fixtures', 'synthetic_pretrained', 'albef_frozen_vit_seed2.pth')
 SEED = 42
 RETRIEVAL_STEPS = 20

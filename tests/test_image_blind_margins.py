@@ -124,7 +124,8 @@ def test_zero_shot_retrieval_beats_its_image_blind_control(margin_runs):
 def test_zero_shot_itm_reranking_beats_itc_alone_from_a_pretraining_that_keeps_the_shapes(margin_runs):
     """The paper's two-stage retrieval: ITM re-ranking ITC's top 16 (k_test) ranks better than ITC alone (k_test 1).
     From the demo-length pretraining it does not (its ITM learns colours only; docs/README_synthetic.md, seventh to
-    ninth rounds); from a pretraining whose ViT keeps the stand-in's shapes, long enough for ITM to use them, it does."""
+    ninth rounds); from a pretraining whose ViT keeps the stand-in's shapes, long enough for ITM to use them, it
+    does."""
     itm = metrics(margin_runs.runs['retrieval_zero_shot_shapes'])['test']
     itc = metrics(margin_runs.runs['retrieval_zero_shot_shapes_itc'])['test']
     # measured TR@1 / IR@1 (float16-stored fixture, pretraining seed 2): ITM re-ranked 62.7 / 54.9 against ITC alone
