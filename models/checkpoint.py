@@ -165,9 +165,13 @@ def load_deit(visual_encoder, path):
                               f'deit_base_patch16_224-b5f2ef4d.pth (for the synthetic config: create it with '
                               f'`python -m synthetic.deit --root data/synthetic`), or set init_deit: false '
                               f'to start from random')
-    sd = dict(unwrap_state_dict(load_checkpoint_file(path), path))
-    sd.pop('head.weight', None)
-    sd.pop('head.bias', None)
+    return load_vit_weights(visual_encoder, unwrap_state_dict(load_checkpoint_file(path), path), path)
+
+
+def load_vit_weights(visual_encoder, sd, path='<checkpoint>'):
+    """Load a DeiT-layout ViT state dict (its classifier head dropped, pos_embed interpolated to the encoder's
+    resolution) into `visual_encoder`; returns the unexpected keys. `path` names the source in errors."""
+    sd = {k: v for k, v in sd.items() if k not in ('head.weight', 'head.bias')}
     sd['pos_embed'] = interpolate_pos_embed(sd['pos_embed'], visual_encoder)
     missing, unexpected = visual_encoder.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != 'mask_token']  # SIMLA's pretraining ViT: not in DeiT, starts at zero

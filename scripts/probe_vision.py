@@ -22,8 +22,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import load_config  # noqa: E402
-from models.checkpoint import (CheckpointError, interpolate_pos_embed, load_checkpoint_file,  # noqa: E402
-                               unwrap_state_dict)
+from models.checkpoint import CheckpointError, load_checkpoint_file, load_vit_weights, unwrap_state_dict  # noqa: E402
 from models.vit import build_vit  # noqa: E402
 from synthetic.deit import (CELL_CLASSES, cell_accuracy, cell_features, cell_loss, load_training_pictures,  # noqa: E402
                             normalise)
@@ -41,18 +40,13 @@ def load_visual_encoder(config: dict, checkpoint=None):
     sd = dict(unwrap_state_dict(load_checkpoint_file(checkpoint), checkpoint))
     if any(k.startswith(PREFIX) for k in sd):
         sd = {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
-    else:
-        sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
     if 'pos_embed' not in sd:
         raise CheckpointError(f'{checkpoint} holds no ViT weights (neither visual_encoder.* keys nor a DeiT state '
                               f'dict); pass a DeiT stand-in or a model checkpoint')
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    sd['pos_embed'] = interpolate_pos_embed(sd['pos_embed'], vit)
-    missing, unexpected = vit.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != 'mask_token']
-    if missing or unexpected:
-        raise CheckpointError(f'{checkpoint} does not fit the ViT of the config (missing {missing[:5]}, unexpected '
-                              f'{unexpected[:5]}); pass the config the checkpoint was trained with (--config)')
+    unexpected = load_vit_weights(vit, sd, checkpoint)
+    if unexpected:
+        raise CheckpointError(f'{checkpoint} does not fit the ViT of the config (unexpected {unexpected[:5]}); pass '
+                              f'the config the checkpoint was trained with (--config)')
     return vit.eval()
 
 

@@ -1,6 +1,5 @@
 """scripts/probe_vision.py: a linear per-cell probe of a checkpoint's frozen visual encoder on the synthetic world."""
 import os
-import sys
 
 import pytest
 import torch
@@ -8,10 +7,9 @@ import torch
 import engine.config as engine_config
 from models.checkpoint import CheckpointError
 from models.vit import build_vit
+from scripts import probe_vision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'scripts'))
-import probe_vision  # noqa: E402
 
 CONFIG = os.path.join(REPO, 'configs', 'Pretrain_synthetic.yaml')
 
